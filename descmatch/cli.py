@@ -1,0 +1,353 @@
+"""The descmatch command line: a thin Typer layer over the core functions.
+
+The only module that imports typer or rich. Errors from the core (DescmatchError) become a
+one-line message on stderr and the error's exit code.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from . import __version__
+from .errors import DescmatchError
+
+app = typer.Typer(
+    name="descmatch",
+    help="Local feature extraction and matching with learned patch descriptors.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+out = Console()
+err = Console(stderr=True)
+_state: dict[str, Any] = {"quiet": False}
+
+
+class Method(str, Enum):
+    auto = "auto"
+    sift = "sift"
+    rootsift = "rootsift"
+    l2net = "l2net"
+    l2net_cs = "l2net-cs"
+    hardnet = "hardnet"
+    sosnet = "sosnet"
+
+
+class Geometry(str, Enum):
+    fundamental = "fundamental"
+    homography = "homography"
+
+
+# -- shared options --------------------------------------------------------------------------
+MethodOpt = Annotated[Method, typer.Option("--method", "-m", help="Descriptor: auto is the "
+                      "shipped default net (RootSIFT while no trained weights ship).")]
+WeightsOpt = Annotated[str | None, typer.Option("--weights", "-w", help="A checkpoint of your "
+                       "own (or a shipped weights name) for a learned method.")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
+BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Patches per net call.")]
+MaxKptsOpt = Annotated[int, typer.Option("--max-keypoints", min=0,
+                       help="Keep the strongest keypoints (0 = all).")]
+ResizeOpt = Annotated[int | None, typer.Option("--resize-max", min=16,
+                      help="Downscale images so the longer side is at most this.")]
+UprightOpt = Annotated[bool, typer.Option("--upright", help="Skip orientation: patches are "
+                       "not rotated (one keypoint per location).")]
+MrOpt = Annotated[float | None, typer.Option("--mr-size", min=0.5, help="Patch window side in "
+                  "keypoint sizes (default: the weights' own, else 6).")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Recompute everything and "
+                         "replace the output instead of resuming.")]
+StrictOpt = Annotated[bool, typer.Option("--strict", help="Fail on an unreadable image "
+                      "instead of skipping it.")]
+HalfOpt = Annotated[bool, typer.Option("--half", help="Store descriptors as float16.")]
+RatioOpt = Annotated[float, typer.Option("--ratio", min=0.0, max=1.0, help="Lowe's ratio "
+                     "test threshold on L2 distances (1 disables it).")]
+MutualOpt = Annotated[bool, typer.Option("--mutual/--no-mutual",
+                      help="Keep only mutual nearest neighbours.")]
+
+
+@app.callback()
+def _main(
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only errors.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+    version: Annotated[bool, typer.Option("--version", help="Print the version.")] = False,
+) -> None:
+    if version:
+        out.print(f"descmatch {__version__}")
+        raise typer.Exit()
+    _state["quiet"] = quiet
+    level = logging.ERROR if quiet else logging.DEBUG if verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(message)s", force=True,
+                        handlers=[RichHandler(console=err, show_time=False, show_path=False)])
+
+
+@contextmanager
+def _progress(label: str) -> Iterator[Callable[[int, int, str], None]]:
+    if _state["quiet"]:
+        yield lambda i, n, name: None
+        return
+    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[name]}"),
+                   console=err, transient=True)
+    task = bar.add_task(label, total=None, name="")
+    with bar:
+        def update(i: int, n: int, name: str) -> None:
+            bar.update(task, completed=i, total=n, name=name[-40:])
+        yield update
+
+
+def _say(msg: str) -> None:
+    if not _state["quiet"]:
+        out.print(msg, highlight=False)
+
+
+def _device(spec: str) -> Any:
+    from .device import resolve_device
+
+    return resolve_device(spec)
+
+
+def _setup(method: Method, weights: str | None, device: str, batch_size: int,
+           max_keypoints: int, upright: bool, mr_size: float | None) -> tuple[Any, Any]:
+    from .describe import build_describer
+    from .detect import SiftDetector
+
+    dev = _device(device)
+    detector = SiftDetector(max_keypoints=max_keypoints, upright=upright)
+    describer = build_describer(method.value, weights, dev, batch_size, mr_size)
+    return detector, describer
+
+
+def _extract_summary(res: Any, describe: bool) -> None:
+    rate = f", {res.patches_per_second:,.0f} patches/s" if describe and res.images else ""
+    _say(f"{res.path}: {res.images} image(s) in {res.seconds:.1f} s, "
+         f"{res.keypoints_per_image:,.0f} keypoints/image{rate}; "
+         f"{res.skipped_existing} already done, {len(res.failed)} unreadable")
+    for name, why in res.failed:
+        _say(f"  skipped {name}: {why}")
+
+
+# -- commands --------------------------------------------------------------------------------
+@app.command()
+def detect(
+    images: Annotated[str, typer.Argument(help="Folder (recursive), glob, image, or text "
+                                          "file listing image paths.")],
+    output: Annotated[Path, typer.Argument(help="features.h5 to write (keypoints only).")],
+    max_keypoints: MaxKptsOpt = 4000,
+    resize_max: ResizeOpt = None,
+    upright: UprightOpt = False,
+    overwrite: OverwriteOpt = False,
+    strict: StrictOpt = False,
+) -> None:
+    """Detect keypoints only (SIFT/DoG), for inspection and for other tools."""
+    from .detect import SiftDetector
+    from .extract import extract
+    from .images import list_images
+
+    imgs = list_images(images)
+    with _progress("detect") as cb:
+        res = extract(imgs, output, None, SiftDetector(max_keypoints=max_keypoints,
+                      upright=upright), resize_max, overwrite, strict, progress=cb)
+    _extract_summary(res, describe=False)
+
+
+@app.command("extract")
+def extract_cmd(
+    images: Annotated[str, typer.Argument(help="Folder (recursive), glob, image, or text "
+                                          "file listing image paths.")],
+    output: Annotated[Path, typer.Argument(help="features.h5 to write or complete.")],
+    method: MethodOpt = Method.auto,
+    weights: WeightsOpt = None,
+    device: DeviceOpt = "auto",
+    batch_size: BatchOpt = 1024,
+    max_keypoints: MaxKptsOpt = 4000,
+    resize_max: ResizeOpt = None,
+    upright: UprightOpt = False,
+    mr_size: MrOpt = None,
+    half: HalfOpt = False,
+    overwrite: OverwriteOpt = False,
+    strict: StrictOpt = False,
+) -> None:
+    """Detect keypoints, cut 32x32 patches and describe them into an hloc-style features.h5."""
+    from .extract import extract
+    from .images import list_images
+
+    imgs = list_images(images)
+    detector, describer = _setup(method, weights, device, batch_size, max_keypoints, upright,
+                                 mr_size)
+    with _progress(f"extract {describer.name}") as cb:
+        res = extract(imgs, output, describer, detector, resize_max, overwrite, strict,
+                      half=half, progress=cb)
+    _extract_summary(res, describe=True)
+
+
+def _looks_like_image(p: str) -> bool:
+    from .images import is_image
+
+    return is_image(Path(p))
+
+
+@app.command("match")
+def match_cmd(
+    first: Annotated[str, typer.Argument(help="features.h5, or the first image.")],
+    second: Annotated[str, typer.Argument(help="matches.h5 to write, or the second image.")],
+    pairs: Annotated[str, typer.Option("--pairs", help="exhaustive, sequential:K, or a "
+                                       "pairs file (one 'name0 name1' per line).")] = "exhaustive",
+    pairs_out: Annotated[Path | None, typer.Option("--pairs-out", help="Where to write the "
+                         "pairs matched (default: OUT's name + -pairs.txt).")] = None,
+    ratio: RatioOpt = 0.9,
+    mutual: MutualOpt = True,
+    device: DeviceOpt = "auto",
+    overwrite: OverwriteOpt = False,
+    viz: Annotated[Path | None, typer.Option("--viz", help="Two-image mode: draw the matches "
+                   "to this picture (png/jpg).")] = None,
+    geometry: Annotated[Geometry, typer.Option("--geometry", help="Two-image mode: RANSAC "
+                        "model that separates inliers.")] = Geometry.fundamental,
+    method: MethodOpt = Method.auto,
+    weights: WeightsOpt = None,
+    batch_size: BatchOpt = 1024,
+    max_keypoints: MaxKptsOpt = 4000,
+    resize_max: ResizeOpt = None,
+    upright: UprightOpt = False,
+    mr_size: MrOpt = None,
+) -> None:
+    """Match features (FEATURES.h5 OUT.h5), or two images directly (A.jpg B.jpg).
+
+    Mutual nearest neighbours with Lowe's ratio test, as chunked matrix products on the
+    device. In two-image mode the images are extracted on the fly, RANSAC separates inliers,
+    and --viz draws them.
+    """
+    ratio_v: float | None = None if ratio >= 1.0 else ratio
+    if _looks_like_image(first) and _looks_like_image(second):
+        _match_two(Path(first), Path(second), ratio_v, mutual, device, viz, geometry, method,
+                   weights, batch_size, max_keypoints, resize_max, upright, mr_size)
+        return
+    from .h5 import Reader
+    from .match import match
+    from .pairs import pairs_from_spec
+
+    if viz is not None:
+        raise DescmatchError("--viz applies to two-image mode (descmatch match A.jpg B.jpg)")
+    with Reader(first, "features") as r:
+        names = sorted(r.keys)
+    pair_list = pairs_from_spec(pairs, names)
+    with _progress("match") as cb:
+        res = match(first, pair_list, second, ratio_v, mutual, _device(device), overwrite,
+                    pairs_out, progress=cb)
+    mean = res.matches_total / res.matched if res.matched else 0.0
+    _say(f"{res.path}: {res.matched} pair(s) matched in {res.seconds:.1f} s, "
+         f"{mean:,.0f} matches/pair; {res.skipped} already done; pairs in {res.pairs_path}")
+
+
+def _match_two(a: Path, b: Path, ratio: float | None, mutual: bool, device: str,
+               viz: Path | None, geometry: Geometry, method: Method, weights: str | None,
+               batch_size: int, max_keypoints: int, resize_max: int | None, upright: bool,
+               mr_size: float | None) -> None:
+    import torch
+
+    from .export.viz import draw_matches, verify, write_image
+    from .images import read_image
+    from .images import resize_max as do_resize
+    from .match import match_descriptors
+
+    t0 = time.perf_counter()
+    detector, describer = _setup(method, weights, device, batch_size, max_keypoints, upright,
+                                 mr_size)
+    dev = _device(device)
+    feats = []
+    for p in (a, b):
+        if not p.exists():
+            raise DescmatchError(f"{p}: no such file")
+        img, _ = do_resize(read_image(p), resize_max)
+        kps = detector(img)
+        feats.append((img, kps, describer(img, kps)))
+    (im0, k0, d0), (im1, k1, d1) = feats
+    m, _ = match_descriptors(torch.from_numpy(d0).to(dev), torch.from_numpy(d1).to(dev),
+                             ratio, mutual)
+    m = m.cpu().numpy()
+    i0 = (m >= 0).nonzero()[0]
+    xy0, xy1 = k0.xy[i0], k1.xy[m[i0]]
+    _, inliers = verify(xy0, xy1, geometry.value)
+    _say(f"{a.name} ({len(k0)} keypoints) - {b.name} ({len(k1)} keypoints), "
+         f"{describer.name}: {len(i0)} matches, {int(inliers.sum())} inliers "
+         f"({geometry.value}), {time.perf_counter() - t0:.1f} s")
+    if viz is not None:
+        write_image(viz, draw_matches(im0, im1, xy0, xy1, inliers))
+        _say(f"wrote {viz}")
+
+
+@app.command("weights")
+def weights_cmd() -> None:
+    """List the shipped weights: name, net, training data, sha256, headline metric."""
+    from .weights import default_method, list_weights, weights_dir
+
+    items = list_weights()
+    if not items:
+        _say(f"no trained weights ship in {weights_dir()}: --method auto uses rootsift. "
+             "Train with `descmatch train --method hardnet`.")
+        return
+    default = default_method()
+    table = Table("name", "net", "trained on", "sha256", "headline", title=str(weights_dir()))
+    for w in items:
+        mark = " (default)" if w.name == default else ""
+        table.add_row(w.name + mark, w.net, w.data, w.sha256[:16], w.metric)
+    out.print(table)
+
+
+@app.command("examples")
+def examples_cmd(
+    folder: Annotated[Path, typer.Argument(help="Folder to copy the example images into.")],
+) -> None:
+    """Copy the example images that ship with descmatch (a synthetic scene, 3 views)."""
+    from .examples import copy_examples
+
+    files = copy_examples(folder)
+    _say(f"{folder}: {len(files)} example images")
+
+
+def _sigterm(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def main() -> None:
+    signal.signal(signal.SIGTERM, _sigterm)
+    try:
+        app(standalone_mode=False)
+    except DescmatchError as e:
+        err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        err.print("interrupted: finished work is saved; run the same command to resume",
+                  highlight=False)
+        sys.exit(130)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        sys.exit(1)
+    except Exception as e:  # click usage errors
+        import click
+
+        if isinstance(e, click.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        raise

@@ -1,0 +1,123 @@
+"""Describers: turn an image and its keypoints into descriptors.
+
+Classical SIFT and RootSIFT (OpenCV's descriptor on the same keypoints) and the learned nets
+(patches cut in one batched call, the net run in chunks on the device) share one interface,
+so every method goes through the same pipeline and files.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from .detect import Keypoints, SiftDetector, to_uint8
+from .errors import ConfigError
+from .nets import NETS, DescriptorNet
+from .patches import DEFAULT_MR_SIZE, build_pyramid, extract_patches
+from .weights import default_method, load_net
+
+CLASSICAL = ("sift", "rootsift")
+
+
+class Describer(Protocol):
+    name: str
+    dim: int
+    meta: dict[str, Any]
+
+    def __call__(self, image: np.ndarray, kps: Keypoints) -> np.ndarray:
+        """Shape: image (H,W) float32 [0,1], N keypoints -> (N,D) float32."""
+        ...
+
+
+class SiftDescriber:
+    """OpenCV's SIFT descriptor, L2-normalised (``root``: RootSIFT, Arandjelovic'12)."""
+
+    dim = 128
+
+    def __init__(self, root: bool = False) -> None:
+        self.root = root
+        self.name = "rootsift" if root else "sift"
+        self.meta: dict[str, Any] = {"weights": "", "weights_sha256": ""}
+
+    def __call__(self, image: np.ndarray, kps: Keypoints) -> np.ndarray:
+        if len(kps) == 0:
+            return np.zeros((0, 128), np.float32)
+        if kps.cv is None:
+            raise ValueError("SIFT descriptors need the detector's OpenCV keypoints")
+        _, desc = SiftDetector().make_cv().compute(to_uint8(image), list(kps.cv))
+        if desc is None or desc.shape[0] != len(kps):
+            raise RuntimeError("OpenCV SIFT dropped keypoints while describing")
+        d = desc.astype(np.float32)
+        if self.root:
+            d /= np.maximum(d.sum(1, keepdims=True), 1e-8)
+            d = np.sqrt(d)
+        else:
+            d /= np.maximum(np.linalg.norm(d, axis=1, keepdims=True), 1e-8)
+        return d
+
+
+class NetDescriber:
+    """A learned net on patches: one pyramid and one sampling call per image, the net in
+    chunks of ``batch_size`` under inference mode on ``device``."""
+
+    def __init__(self, net: DescriptorNet, device: torch.device, batch_size: int = 1024,
+                 mr_size: float = DEFAULT_MR_SIZE, meta: dict[str, Any] | None = None) -> None:
+        self.net = net.to(device).eval()
+        self.device = device
+        self.batch_size = batch_size
+        self.mr_size = mr_size
+        self.name = net.name
+        self.dim = net.dim
+        self.meta = meta or {}
+
+    @torch.inference_mode()
+    def patches(self, image: np.ndarray, kps: Keypoints) -> torch.Tensor:
+        img = torch.from_numpy(image).to(self.device)
+        return extract_patches(img, kps.xy, kps.size, kps.angle,
+                               patch_size=self.net.patch_size, mr_size=self.mr_size,
+                               window_factor=self.net.window_factor,
+                               pyramid=build_pyramid(img))
+
+    @torch.inference_mode()
+    def describe_patches(self, patches: torch.Tensor) -> torch.Tensor:
+        out = [self.net(patches[i:i + self.batch_size])
+               for i in range(0, patches.shape[0], self.batch_size)]
+        if not out:
+            return torch.zeros((0, self.dim), device=self.device)
+        return torch.cat(out).float()
+
+    def __call__(self, image: np.ndarray, kps: Keypoints) -> np.ndarray:
+        if len(kps) == 0:
+            return np.zeros((0, self.dim), np.float32)
+        return self.describe_patches(self.patches(image, kps)).cpu().numpy()
+
+
+def method_choices() -> list[str]:
+    return ["auto", *CLASSICAL, *NETS]
+
+
+def resolve_method(method: str) -> str:
+    """``auto`` is the shipped default net (weights/DEFAULT), else RootSIFT."""
+    if method == "auto":
+        return default_method() or "rootsift"
+    if method not in CLASSICAL and method not in NETS:
+        raise ConfigError(f"--method {method}: choose one of {', '.join(method_choices())}")
+    return method
+
+
+def build_describer(method: str, weights: str | None = None,
+                    device: torch.device | None = None, batch_size: int = 1024,
+                    mr_size: float | None = None) -> Describer:
+    method = resolve_method(method)
+    if method in CLASSICAL:
+        if weights is not None:
+            raise ConfigError(f"--weights does not apply to --method {method}")
+        return SiftDescriber(root=method == "rootsift")
+    loaded = load_net(method, weights)
+    if mr_size is None:
+        mr_size = float(loaded.meta.get("mr_size", DEFAULT_MR_SIZE))
+    meta = {"weights": loaded.path.name, "weights_sha256": loaded.sha256}
+    return NetDescriber(loaded.net, device or torch.device("cpu"), batch_size, mr_size, meta)
+

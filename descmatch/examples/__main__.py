@@ -1,0 +1,3 @@
+from . import write_examples
+
+write_examples()

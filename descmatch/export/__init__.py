@@ -1,0 +1,1 @@
+"""Exports of features and matches to other tools."""

@@ -1,0 +1,148 @@
+"""The extract and detect stages: images -> features.h5 (resumable, crash-safe).
+
+Image decoding and detection run in a worker thread ahead of description, so the net is
+not kept waiting on I/O (OpenCV and torch release the GIL).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .describe import Describer
+from .detect import Keypoints, SiftDetector
+from .errors import ImageReadError
+from .h5 import Writer, settings_json
+from .images import ImageList, read_image, resize_max
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int, str], None]
+
+
+@dataclass
+class ExtractResult:
+    path: Path
+    images: int = 0
+    skipped_existing: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    keypoints: int = 0
+    seconds: float = 0.0
+    describe_seconds: float = 0.0
+
+    @property
+    def keypoints_per_image(self) -> float:
+        return self.keypoints / self.images if self.images else 0.0
+
+    @property
+    def patches_per_second(self) -> float:
+        return self.keypoints / self.describe_seconds if self.describe_seconds > 0 else 0.0
+
+
+@dataclass
+class _Loaded:
+    name: str
+    image: np.ndarray | None = None  # resized, as described
+    kps: Keypoints | None = None  # in resized coordinates
+    scale: tuple[float, float] = (1.0, 1.0)
+    size: tuple[int, int] = (0, 0)  # original (width, height)
+    error: str | None = None
+
+
+def _load(images: ImageList, name: str, detector: SiftDetector,
+          max_side: int | None) -> _Loaded:
+    try:
+        img = read_image(images.path(name))
+    except ImageReadError as e:
+        return _Loaded(name, error=str(e))
+    h, w = img.shape
+    small, scale = resize_max(img, max_side)
+    return _Loaded(name, small, detector(small), scale, (w, h))
+
+
+def _prefetch(images: ImageList, names: list[str], detector: SiftDetector,
+              max_side: int | None, depth: int = 2) -> Iterator[_Loaded]:
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="descmatch-load") as pool:
+        queue: list[Future[_Loaded]] = []
+        it = iter(names)
+        for name in it:
+            queue.append(pool.submit(_load, images, name, detector, max_side))
+            if len(queue) > depth:
+                yield queue.pop(0).result()
+        for fut in queue:
+            yield fut.result()
+
+
+def extract(
+    images: ImageList,
+    out: str | Path,
+    describer: Describer | None,
+    detector: SiftDetector,
+    max_side: int | None = None,
+    overwrite: bool = False,
+    strict: bool = False,
+    half: bool = False,
+    extra_settings: dict[str, Any] | None = None,
+    progress: Progress | None = None,
+) -> ExtractResult:
+    """Detect (and describe unless ``describer`` is None) every image into ``out``.
+
+    Images already in ``out`` are skipped unless ``overwrite``. Unreadable images are
+    skipped and listed in the result; ``strict`` makes them fatal.
+    """
+    out = Path(out)
+    t0 = time.perf_counter()
+    settings = {**detector.settings(), "resize_max": max_side, **(extra_settings or {})}
+    if describer is not None and hasattr(describer, "mr_size"):
+        settings["mr_size"] = describer.mr_size
+    attrs = {
+        "method": describer.name if describer else "none",
+        "descriptor_dim": describer.dim if describer else 0,
+        "weights": describer.meta.get("weights", "") if describer else "",
+        "weights_sha256": describer.meta.get("weights_sha256", "") if describer else "",
+        "settings": settings_json(settings),
+    }
+    result = ExtractResult(out)
+    with Writer(out, "features", attrs, overwrite=overwrite,
+                must_match=("method", "descriptor_dim", "weights_sha256", "settings")) as writer:
+        todo = [n for n in images.names if n not in writer.done]
+        result.skipped_existing = len(images.names) - len(todo)
+        for i, item in enumerate(_prefetch(images, todo, detector, max_side)):
+            if item.error is not None:
+                if strict:
+                    raise ImageReadError(item.error)
+                log.warning("skipped: %s", item.error)
+                result.failed.append((item.name, item.error))
+            else:
+                assert item.kps is not None and item.image is not None
+                kps = item.kps
+                data: dict[str, np.ndarray] = {}
+                if describer is not None:
+                    td = time.perf_counter()
+                    desc = describer(item.image, kps)
+                    result.describe_seconds += time.perf_counter() - td
+                    desc_t = desc.T.astype(np.float16 if half else np.float32)
+                    data["descriptors"] = np.ascontiguousarray(desc_t)
+                sx, sy = item.scale
+                full = kps.scaled(1.0 / sx, 1.0 / sy) if (sx, sy) != (1.0, 1.0) else kps
+                data.update({
+                    "keypoints": full.xy.astype(np.float32),
+                    "scores": full.response.astype(np.float32),
+                    "scales": full.size.astype(np.float32),
+                    "oris": full.angle.astype(np.float32),
+                    "image_size": np.array(item.size, np.int32),
+                })
+                writer.write(item.name, data)
+                result.images += 1
+                result.keypoints += len(kps)
+            if progress:
+                progress(i + 1, len(todo), item.name)
+    result.seconds = time.perf_counter() - t0
+    return result

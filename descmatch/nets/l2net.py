@@ -1,0 +1,52 @@
+"""L2-Net (Tian et al., CVPR'17) and its central-surround variant L2-Net-CS."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from .base import DescriptorNet, L2Tower, l2_normalize, standardize
+
+
+class L2Net(DescriptorNet):
+    """L2-Net: per-patch standardisation, the 7-layer tower, L2 normalisation."""
+
+    name: ClassVar[str] = "l2net"
+    default_conf: ClassVar[dict[str, Any]] = {"dim": 128, "dropout": 0.0}
+
+    def __init__(self, conf: dict[str, Any] | None = None) -> None:
+        super().__init__(conf)
+        self.tower = L2Tower(self.conf["dim"], self.conf["dropout"])
+
+    def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        out, inter = self.tower(standardize(x))
+        return l2_normalize(out), inter
+
+
+class L2NetCS(DescriptorNet):
+    """L2-Net central-surround: a 64x64 input covering twice the keypoint window.
+
+    One tower sees the central 32x32 crop at full resolution, the other the whole 64x64 patch
+    at half resolution; the two 128-D outputs are concatenated (256-D) and L2-normalised.
+    """
+
+    name: ClassVar[str] = "l2net-cs"
+    default_conf: ClassVar[dict[str, Any]] = {"dim": 256, "dropout": 0.0}
+    patch_size: ClassVar[int] = 64
+    window_factor: ClassVar[float] = 2.0
+
+    def __init__(self, conf: dict[str, Any] | None = None) -> None:
+        super().__init__(conf)
+        half = self.conf["dim"] // 2
+        self.center = L2Tower(half, self.conf["dropout"])
+        self.surround = L2Tower(self.conf["dim"] - half, self.conf["dropout"])
+
+    def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        c = x[:, :, 16:48, 16:48]
+        s = F.avg_pool2d(x, kernel_size=2)
+        oc, ic = self.center(standardize(c))
+        os_, is_ = self.surround(standardize(s))
+        out = torch.cat([l2_normalize(oc), l2_normalize(os_)], dim=1)
+        return l2_normalize(out), ic + is_

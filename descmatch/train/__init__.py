@@ -1,0 +1,1 @@
+"""Training: datasets, samplers, losses, loop and evaluation."""
