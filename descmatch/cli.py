@@ -31,6 +31,8 @@ from rich.table import Table
 
 from . import __version__
 from .errors import DescmatchError
+from .match import DEFAULT_RATIO
+from .patches import DEFAULT_MR_SIZE
 
 app = typer.Typer(
     name="descmatch",
@@ -74,7 +76,7 @@ ResizeOpt = Annotated[int | None, typer.Option("--resize-max", min=16,
 UprightOpt = Annotated[bool, typer.Option("--upright", help="Skip orientation: patches are "
                        "not rotated (one keypoint per location).")]
 MrOpt = Annotated[float | None, typer.Option("--mr-size", min=0.5, help="Patch window side in "
-                  "keypoint sizes (default: the weights' own, else 6).")]
+                  f"keypoint sizes (default: the weights' own, else {DEFAULT_MR_SIZE:g}).")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Recompute everything and "
                          "replace the output instead of resuming.")]
 StrictOpt = Annotated[bool, typer.Option("--strict", help="Fail on an unreadable image "
@@ -215,7 +217,7 @@ def match_cmd(
                                        "pairs file (one 'name0 name1' per line).")] = "exhaustive",
     pairs_out: Annotated[Path | None, typer.Option("--pairs-out", help="Where to write the "
                          "pairs matched (default: OUT's name + -pairs.txt).")] = None,
-    ratio: RatioOpt = 0.9,
+    ratio: RatioOpt = DEFAULT_RATIO,
     mutual: MutualOpt = True,
     device: DeviceOpt = "auto",
     overwrite: OverwriteOpt = False,

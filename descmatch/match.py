@@ -19,7 +19,7 @@ from .pairs import write_pairs
 
 log = logging.getLogger(__name__)
 
-DEFAULT_RATIO = 0.9
+DEFAULT_RATIO = 0.85
 MAX_ELEMENTS = 1 << 26  # distance-matrix entries per chunk: 256 MB in float32
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-DEFAULT_MR_SIZE = 6.0
+DEFAULT_MR_SIZE = 10.0
 
 _BINOMIAL = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0]) / 16.0
 
