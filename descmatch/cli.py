@@ -42,8 +42,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-out = Console()
-err = Console(stderr=True)
+# Piped output is not squeezed into 80 columns.
+out = Console(width=None if sys.stdout.isatty() else 160)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 _state: dict[str, Any] = {"quiet": False}
 
 
@@ -120,7 +121,7 @@ def _progress(label: str) -> Iterator[Callable[[int, int, str], None]]:
 
 def _say(msg: str) -> None:
     if not _state["quiet"]:
-        out.print(msg, highlight=False)
+        out.print(msg, highlight=False, soft_wrap=True)
 
 
 def _device(spec: str) -> Any:
@@ -296,6 +297,84 @@ def _match_two(a: Path, b: Path, ratio: float | None, mutual: bool, device: str,
     if viz is not None:
         write_image(viz, draw_matches(im0, im1, xy0, xy1, inliers))
         _say(f"wrote {viz}")
+
+
+eval_app = typer.Typer(help="Evaluate descriptors: patch verification and homography pairs.",
+                       no_args_is_help=True)
+app.add_typer(eval_app, name="eval")
+
+
+@eval_app.command("homography")
+def eval_homography(
+    sequences: Annotated[list[Path], typer.Argument(help="HPatches-style folders: images "
+                         "1..6 and H_1_i homographies.")],
+    method: MethodOpt = Method.auto,
+    weights: WeightsOpt = None,
+    device: DeviceOpt = "auto",
+    batch_size: BatchOpt = 1024,
+    max_keypoints: MaxKptsOpt = 4000,
+    upright: UprightOpt = False,
+    mr_size: MrOpt = None,
+    ratio: Annotated[float, typer.Option("--ratio", min=0.0, max=1.0, help="Ratio test "
+                     "(1 = none: the protocol is mutual nearest neighbours alone).")] = 1.0,
+    mutual: MutualOpt = True,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the rows as "
+                        "JSON.")] = None,
+) -> None:
+    """Matches, correct matches and MMA at 1/2/3/5/10 px under the true homography, and the
+    RANSAC homography's accuracy (mean corner error within 1/3/5 px), for pairs 1-i."""
+    import json
+
+    from .evaluate import THRESHOLDS, evaluate_homography
+
+    detector, describer = _setup(method, weights, device, batch_size, max_keypoints, upright,
+                                 mr_size)
+    rows = []
+    for seq in sequences:
+        rows += evaluate_homography(seq, describer, detector, None if ratio >= 1 else ratio,
+                                    mutual, _device(device))
+    table = Table("sequence", "pair", "matches", "correct@3", *[f"MMA@{t}" for t in THRESHOLDS],
+                  "H err px", title=f"{describer.name}, {max_keypoints} keypoints")
+    for r in rows:
+        table.add_row(r.sequence, r.pair, str(r.matches), str(r.correct[3]),
+                      *[f"{r.mma(t):.3f}" for t in THRESHOLDS], f"{r.corner_error:.2f}")
+    m = sum(r.matches for r in rows)
+    c = {t: sum(r.correct[t] for r in rows) for t in THRESHOLDS}
+    table.add_row("all", "", str(m), str(c[3]), *[f"{c[t] / max(m, 1):.3f}" for t in THRESHOLDS],
+                  " ".join(f"{sum(r.corner_error <= t for r in rows)}/{len(rows)}@{t}"
+                           for t in (1, 3, 5)))
+    out.print(table)
+    if json_out is not None:
+        json_out.write_text(json.dumps({
+            "method": describer.name, "weights": describer.meta.get("weights", ""),
+            "max_keypoints": max_keypoints, "ratio": ratio, "mutual": mutual,
+            "rows": [{"sequence": r.sequence, "pair": r.pair, "matches": r.matches,
+                      "correct": r.correct, "corner_error": r.corner_error} for r in rows],
+        }, indent=1))
+
+
+@eval_app.command("patches")
+def eval_patches(
+    dataset: Annotated[Path, typer.Argument(help="Brown/PhotoTour folder (patch*.bmp, "
+                       "info.txt, m50_*.txt).")],
+    method: Annotated[str, typer.Option("--method", "-m", help="Learned net.")] = "hardnet",
+    weights: WeightsOpt = None,
+    device: DeviceOpt = "auto",
+    batch_size: BatchOpt = 1024,
+    pairs: Annotated[str | None, typer.Option("--pairs", help="m50 file name (default: the "
+                     "largest).")] = None,
+) -> None:
+    """FPR95: false positive rate at 95% recall on matching / non-matching patch pairs."""
+    from .train.brown import BrownDataset
+    from .train.evaluation import evaluate_fpr95
+    from .weights import load_net
+
+    loaded = load_net(method, weights)
+    ds = BrownDataset(dataset, patch_size=loaded.net.patch_size)
+    res = evaluate_fpr95(loaded.net, ds, _device(device), batch_size, pairs)
+    out.print(f"{dataset.name}: {method} ({loaded.path.name}) FPR95 {100 * res['fpr95']:.2f}% "
+              f"on {res['num_pairs']:,} pairs ({res['num_matches']:,} matching)",
+              highlight=False)
 
 
 @app.command("weights")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -55,3 +56,67 @@ def homography_corner_error(h_est: np.ndarray | None, h_true: np.ndarray,
         return float("inf")
     c = np.array([[0, 0], [width - 1, 0], [0, height - 1], [width - 1, height - 1]], float)
     return float(np.linalg.norm(project(h_est, c) - project(h_true, c), axis=1).mean())
+
+
+@dataclass
+class HomographyRow:
+    """One pair 1-i of a sequence."""
+
+    sequence: str
+    pair: str
+    matches: int
+    correct: dict[int, int]
+    corner_error: float
+
+    def mma(self, t: int) -> float:
+        return self.correct[t] / self.matches if self.matches else 0.0
+
+
+def _sequence_images(seq: Path) -> list[Path]:
+    from .images import is_image
+
+    files = {p.stem: p for p in seq.iterdir() if p.is_file() and is_image(p)}
+    if "1" not in files:
+        raise InputError(f"{seq}: not an HPatches-style sequence (no image 1.*)")
+    out = []
+    for i in range(1, 100):
+        if str(i) not in files:
+            break
+        out.append(files[str(i)])
+    return out
+
+
+def evaluate_homography(seq: str | Path, describer: Any, detector: Any,
+                        ratio: float | None = None, mutual: bool = True,
+                        device: Any = "cpu") -> list[HomographyRow]:
+    """Match image 1 of an HPatches-style sequence to each image i with ``H_1_i`` and score
+    the matches (1/2/3/5/10 px) and a RANSAC homography's corner error."""
+    import torch
+
+    from .export.viz import verify
+    from .images import read_image
+    from .match import match_descriptors
+
+    seq = Path(seq)
+    if not seq.is_dir():
+        raise InputError(f"{seq}: no such sequence folder")
+    paths = _sequence_images(seq)
+    feats = []
+    for p in paths:
+        img = read_image(p)
+        kps = detector(img)
+        feats.append((img.shape, kps, torch.from_numpy(describer(img, kps)).to(device)))
+    rows = []
+    (h0, w0), k0, d0 = feats[0]
+    for i in range(1, len(paths)):
+        hfile = seq / f"H_1_{i + 1}"
+        h_true = read_homography(hfile)
+        _, k1, d1 = feats[i]
+        m, _ = match_descriptors(d0, d1, ratio, mutual)
+        m_np = m.cpu().numpy()
+        s = score_homography(k0.xy, k1.xy, m_np, h_true)
+        i0 = np.nonzero(m_np >= 0)[0]
+        h_est, _ = verify(k0.xy[i0], k1.xy[m_np[i0]], "homography")
+        err = homography_corner_error(h_est, h_true, w0, h0)
+        rows.append(HomographyRow(seq.name, f"1-{i + 1}", s.matches, s.correct, err))
+    return rows
