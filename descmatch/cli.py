@@ -28,9 +28,10 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
 from . import __version__
-from .errors import DescmatchError
+from .errors import DescmatchError, InputError
 from .match import DEFAULT_RATIO
 from .patches import DEFAULT_MR_SIZE
 
@@ -89,15 +90,19 @@ MutualOpt = Annotated[bool, typer.Option("--mutual/--no-mutual",
                       help="Keep only mutual nearest neighbours.")]
 
 
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"descmatch {__version__}", highlight=False)
+        raise typer.Exit()
+
+
 @app.callback()
 def _main(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only errors.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
-    version: Annotated[bool, typer.Option("--version", help="Print the version.")] = False,
+    version: Annotated[bool, typer.Option("--version", help="Print the version.",
+                                          callback=_version, is_eager=True)] = False,
 ) -> None:
-    if version:
-        out.print(f"descmatch {__version__}")
-        raise typer.Exit()
     _state["quiet"] = quiet
     level = logging.ERROR if quiet else logging.DEBUG if verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(message)s", force=True,
@@ -121,7 +126,7 @@ def _progress(label: str) -> Iterator[Callable[[int, int, str], None]]:
 
 def _say(msg: str) -> None:
     if not _state["quiet"]:
-        out.print(msg, highlight=False, soft_wrap=True)
+        out.print(msg, highlight=False, soft_wrap=True, markup=False)
 
 
 def _device(spec: str) -> Any:
@@ -280,7 +285,7 @@ def _match_two(a: Path, b: Path, ratio: float | None, mutual: bool, device: str,
     feats = []
     for p in (a, b):
         if not p.exists():
-            raise DescmatchError(f"{p}: no such file")
+            raise InputError(f"{p}: no such file")
         img, _ = do_resize(read_image(p), resize_max)
         kps = detector(img)
         feats.append((img, kps, describer(img, kps)))
@@ -297,6 +302,64 @@ def _match_two(a: Path, b: Path, ratio: float | None, mutual: bool, device: str,
     if viz is not None:
         write_image(viz, draw_matches(im0, im1, xy0, xy1, inliers))
         _say(f"wrote {viz}")
+
+
+@app.command("train")
+def train_cmd(
+    method: Annotated[str, typer.Option("--method", "-m", help="Net to train: l2net, "
+                      "l2net-cs, hardnet, sosnet.")] = "hardnet",
+    data: Annotated[list[str] | None, typer.Option("--data", help="Training data, repeatable: "
+                    "[photos|pool|brown:]PATH[@WEIGHT] (a folder of photos is "
+                    "self-supervised).")] = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Run folder: pools, "
+                       "checkpoint.pt, logs and the final <method>.pt (default "
+                       "runs/<method>).")] = None,
+    steps: Annotated[int, typer.Option("--steps", min=1, help="Optimiser steps.")] = 10000,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=2, help="Pairs (points) "
+                          "per batch.")] = 512,
+    loss: Annotated[str | None, typer.Option("--loss", help="l2net, hardnet, sosnet, "
+                    "contrastive, triplet (default: the method's own).")] = None,
+    optimizer: Annotated[str | None, typer.Option("--optimizer", help="sgd or adam (default: "
+                         "the method's own).")] = None,
+    lr: Annotated[float | None, typer.Option("--lr", help="Learning rate (default: the "
+                  "method's own), decayed linearly to 0.")] = None,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    device: DeviceOpt = "auto",
+    precision: Annotated[str, typer.Option("--precision", help="auto (bf16 where the CPU has "
+                         "it, AMP on CUDA), bf16, fp16, fp32.")] = "auto",
+    val: Annotated[str | None, typer.Option("--val", help="Validation: brown:PATH, pool:PATH, "
+                   "none (default: 5% of the first source's photos held out).")] = None,
+    eval_every: Annotated[int | None, typer.Option("--eval-every", help="Steps between "
+                          "validation FPR95 (default: once per epoch).")] = None,
+    checkpoint_every: Annotated[int, typer.Option("--checkpoint-every")] = 500,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out exactly "
+                      "where it stopped.")] = False,
+    time_limit: Annotated[float | None, typer.Option("--time-limit", help="Stop cleanly "
+                          "after this many seconds (checkpoint and weights written).")] = None,
+    mr_size: Annotated[float, typer.Option("--mr-size", help="Patch window of the training "
+                       "patches, recorded in the weights.")] = DEFAULT_MR_SIZE,
+    pairs_per_image: Annotated[int, typer.Option("--pairs-per-image")] = 512,
+    max_images: Annotated[int | None, typer.Option("--max-images", help="Use at most this "
+                          "many photos per source.")] = None,
+    workers: Annotated[int, typer.Option("--workers", min=1, help="Processes generating "
+                       "training pairs.")] = 1,
+) -> None:
+    """Train a descriptor net (L2-Net, HardNet, SOSNet objectives) with checkpoints and
+    validation FPR95; writes <out>/<method>.pt, loadable with --weights."""
+    from .train.loop import TrainConfig, train
+
+    if not data:
+        raise DescmatchError("--data is required (e.g. --data photos:shared/data/photos)")
+    cfg = TrainConfig(
+        method=method, data=list(data), out_dir=out_dir or Path("runs") / method, steps=steps,
+        batch_size=batch_size, loss=loss, optimizer=optimizer, lr=lr, seed=seed,
+        device=str(_device(device)), precision=precision, val=val, eval_every=eval_every,
+        checkpoint_every=checkpoint_every, resume=resume, time_limit_s=time_limit,
+        mr_size=mr_size, pairs_per_image=pairs_per_image, max_images=max_images,
+        pool_workers=workers, command="descmatch " + " ".join(sys.argv[1:]))
+    with _progress(f"train {method}") as cb:
+        path = train(cfg, progress=cb)
+    _say(f"wrote {path}")
 
 
 eval_app = typer.Typer(help="Evaluate descriptors: patch verification and homography pairs.",
@@ -403,32 +466,42 @@ def examples_cmd(
     from .examples import copy_examples
 
     files = copy_examples(folder)
-    _say(f"{folder}: {len(files)} example images")
+    n = sum(1 for f in files if not f.name.startswith("H_"))
+    _say(f"{folder}: {n} example images and {len(files) - n} homographies (H_1_i: view-1 "
+         "pixels to view-i pixels)")
 
 
 def _sigterm(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+def _interrupted() -> None:
+    err.print("interrupted: finished work is saved; run the same command to resume",
+              highlight=False, markup=False)
+    sys.exit(130)
+
+
 def main() -> None:
     signal.signal(signal.SIGTERM, _sigterm)
     try:
-        app(standalone_mode=False)
+        rv = app(standalone_mode=False)
     except DescmatchError as e:
-        err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        err.print(Text("error: ", style="red") + Text(str(e)), highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
-        err.print("interrupted: finished work is saved; run the same command to resume",
-                  highlight=False)
-        sys.exit(130)
+        _interrupted()
     except typer.Exit as e:
         sys.exit(e.exit_code)
     except typer.Abort:
-        sys.exit(1)
-    except Exception as e:  # click usage errors
-        import click
-
-        if isinstance(e, click.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
+        _interrupted()
+    except Exception as e:
+        # Usage errors (click's exceptions, bundled by typer) know how to show themselves.
+        show, code = getattr(e, "show", None), getattr(e, "exit_code", None)
+        if callable(show) and isinstance(code, int):
+            show()
+            sys.exit(code)
         raise
+    if rv == 130:  # typer turns KeyboardInterrupt into an exit code of 130
+        _interrupted()
+    if isinstance(rv, int) and rv:
+        sys.exit(rv)

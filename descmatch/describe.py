@@ -46,7 +46,8 @@ class SiftDescriber:
             return np.zeros((0, 128), np.float32)
         if kps.cv is None:
             raise ValueError("SIFT descriptors need the detector's OpenCV keypoints")
-        _, desc = SiftDetector().make_cv().compute(to_uint8(image), list(kps.cv))
+        det = kps.detector if isinstance(kps.detector, SiftDetector) else SiftDetector()
+        _, desc = det.make_cv().compute(to_uint8(image), list(kps.cv))
         if desc is None or desc.shape[0] != len(kps):
             raise RuntimeError("OpenCV SIFT dropped keypoints while describing")
         d = desc.astype(np.float32)

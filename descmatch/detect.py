@@ -20,8 +20,8 @@ class Keypoints:
     """Keypoints of one image, strongest first.
 
     Shape: xy (N,2) float32; size, angle (degrees, OpenCV convention), response (N,) float32.
-    ``cv`` keeps OpenCV's own KeyPoint objects when the detector made them (for SIFT's
-    descriptor, which needs the octave they encode).
+    ``cv`` keeps OpenCV's own KeyPoint objects when the detector made them, and ``detector``
+    the detector (SIFT's descriptor needs the octave they encode and the same scale space).
     """
 
     xy: np.ndarray
@@ -29,17 +29,20 @@ class Keypoints:
     angle: np.ndarray
     response: np.ndarray
     cv: tuple[Any, ...] | None = field(default=None, repr=False)
+    detector: Any = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return int(self.xy.shape[0])
 
     def select(self, idx: np.ndarray) -> Keypoints:
         cv = tuple(self.cv[i] for i in idx) if self.cv is not None else None
-        return Keypoints(self.xy[idx], self.size[idx], self.angle[idx], self.response[idx], cv)
+        return Keypoints(self.xy[idx], self.size[idx], self.angle[idx], self.response[idx], cv,
+                         self.detector)
 
     def scaled(self, sx: float, sy: float) -> Keypoints:
-        """Map to another resolution: x' = x*sx, y' = y*sy (pixel centres at integers)."""
-        xy = self.xy * np.array([sx, sy], np.float32)
+        """Map to another resolution scaled by (sx, sy): with pixel centres at integers,
+        x' = (x + 0.5) * sx - 0.5."""
+        xy = (self.xy + 0.5) * np.array([sx, sy], np.float32) - 0.5
         return Keypoints(xy.astype(np.float32), (self.size * np.sqrt(sx * sy)).astype(np.float32),
                          self.angle, self.response, None)
 
@@ -71,9 +74,11 @@ class SiftDetector:
                 "n_octave_layers": self.n_octave_layers, "upright": self.upright}
 
     def make_cv(self) -> Any:
+        # precise upscale: without it OpenCV's keypoints sit 0.25 px down-right.
         return cv2.SIFT_create(nfeatures=0, nOctaveLayers=self.n_octave_layers,
                                contrastThreshold=self.contrast_threshold,
-                               edgeThreshold=self.edge_threshold, sigma=self.sigma)
+                               edgeThreshold=self.edge_threshold, sigma=self.sigma,
+                               enable_precise_upscale=True)
 
     def __call__(self, image: np.ndarray) -> Keypoints:
         """Detect on a gray float32 image in [0,1]. Shape: image (H,W)."""
@@ -100,7 +105,7 @@ class SiftDetector:
                 k.angle = 0.0
         a = arr[order]
         return Keypoints(np.ascontiguousarray(a[:, :2]), a[:, 2].copy(), a[:, 3].copy(),
-                         a[:, 4].copy(), cv)
+                         a[:, 4].copy(), cv, self)
 
 
 def to_uint8(image: np.ndarray) -> np.ndarray:

@@ -39,3 +39,7 @@ class ConfigError(DescmatchError):
     """An unknown option value or configuration key."""
 
     exit_code = 2
+
+
+class TrainingError(DescmatchError):
+    """Training went wrong (a non-finite loss)."""

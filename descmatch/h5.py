@@ -237,7 +237,13 @@ class Writer:
     def __enter__(self) -> Writer:
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is not None and self.overwrite and self._part is not None:
+            # An interrupted --overwrite run must not replace the complete old output with a
+            # partial new one: keep the old output and leave the new work in OUT.part.
+            self._part.close()
+            self._part = None
+            return
         self.close()
 
 

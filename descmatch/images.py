@@ -96,12 +96,18 @@ def list_images(spec: str | Path) -> ImageList:
 
 
 def _check_complete(path: Path, data: bytes) -> None:
-    """Catch truncated JPEG and PNG files, which OpenCV decodes silently with grey filler."""
+    """Catch truncated JPEG and PNG files, which OpenCV decodes silently with grey filler.
+
+    JPEG: an end-of-image marker must follow the last start-of-scan (byte stuffing keeps it
+    out of the compressed data); trailing data after it (motion photos) is fine.
+    PNG: an IEND chunk must follow the first IDAT chunk.
+    """
     suffix = path.suffix.lower()
     if suffix in (".jpg", ".jpeg"):
-        if b"\xff\xd9" not in data[-4096:]:
+        sos = data.rfind(b"\xff\xda")
+        if data.rfind(b"\xff\xd9") < sos or (sos < 0 and b"\xff\xd9" not in data):
             raise ImageReadError(f"{path}: truncated JPEG (no end-of-image marker)")
-    elif suffix == ".png" and b"IEND" not in data[-64:]:
+    elif suffix == ".png" and data.rfind(b"IEND") < data.find(b"IDAT"):
         raise ImageReadError(f"{path}: truncated PNG (no IEND chunk)")
 
 

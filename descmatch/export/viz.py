@@ -70,9 +70,9 @@ def draw_matches(img0: np.ndarray, img1: np.ndarray, xy0: np.ndarray, xy1: np.nd
         cv2.circle(canvas, b, 2 << shift, c, 1, cv2.LINE_AA, shift)
     n_in = int(inliers.sum())
     label = f"{len(inliers)} matches, {n_in} inliers"
-    cv2.putText(canvas, label, (10, canvas.shape[0] - 12), cv2.FONT_HERSHEY_SIMPLEX, 0.8, (0, 0, 0), 4, cv2.LINE_AA)
-    cv2.putText(canvas, label, (10, canvas.shape[0] - 12), cv2.FONT_HERSHEY_SIMPLEX, 0.8, (255, 255, 255), 1,
-                cv2.LINE_AA)
+    org = (10, canvas.shape[0] - 12)
+    for color, thick in (((0, 0, 0), 4), ((255, 255, 255), 1)):
+        cv2.putText(canvas, label, org, cv2.FONT_HERSHEY_SIMPLEX, 0.8, color, thick, cv2.LINE_AA)
     return canvas
 
 
