@@ -481,10 +481,21 @@ def _interrupted() -> None:
     sys.exit(130)
 
 
+_GLOBAL_FLAGS = ("--quiet", "-q", "--verbose", "-v")
+
+
+def _hoist_global_flags(argv: list[str]) -> list[str]:
+    """Accept --quiet/--verbose after the command too (descmatch extract ... --quiet)."""
+    if "--" in argv:
+        return argv
+    flags = [a for a in argv if a in _GLOBAL_FLAGS]
+    return flags + [a for a in argv if a not in _GLOBAL_FLAGS]
+
+
 def main() -> None:
     signal.signal(signal.SIGTERM, _sigterm)
     try:
-        rv = app(standalone_mode=False)
+        rv = app(args=_hoist_global_flags(sys.argv[1:]), standalone_mode=False)
     except DescmatchError as e:
         err.print(Text("error: ", style="red") + Text(str(e)), highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)

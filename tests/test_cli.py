@@ -398,3 +398,16 @@ def test_entry_point_script_is_installed(tmp_path: Path) -> None:
     proc = subprocess.run([exe, "weights"], capture_output=True, text=True, timeout=60,
                           cwd=tmp_path)
     assert proc.returncode == 0 and "weights" in proc.stdout
+
+
+def test_quiet_after_the_command(example_dir: Path, tmp_path: Path) -> None:
+    """--quiet / --verbose are global options but are also accepted after the command."""
+    out = tmp_path / "q.h5"
+    res = run_cli("extract", str(example_dir), str(out), "--method", "sift", "--quiet",
+                  "--max-keypoints", "100")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == ""
+    assert out.exists()
+    loud = run_cli("extract", str(example_dir), str(tmp_path / "l.h5"), "--method", "sift",
+                   "--max-keypoints", "100")
+    assert "image(s)" in loud.stdout
