@@ -31,6 +31,7 @@ from rich.table import Table
 from rich.text import Text
 
 from . import __version__
+from .describe import DEFAULT_PRECISION
 from .errors import DescmatchError, InputError
 from .match import DEFAULT_RATIO
 from .patches import DEFAULT_MR_SIZE
@@ -83,6 +84,9 @@ OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Recompute every
                          "replace the output instead of resuming.")]
 StrictOpt = Annotated[bool, typer.Option("--strict", help="Fail on an unreadable image "
                       "instead of skipping it.")]
+PrecisionOpt = Annotated[str, typer.Option("--precision", help="Learned nets: fp32 (reference), "
+                         "bf16, fp16 (CUDA), or auto (fp16 on CUDA, bf16 on CPUs that have "
+                         "it).")]
 HalfOpt = Annotated[bool, typer.Option("--half", help="Store descriptors as float16.")]
 RatioOpt = Annotated[float, typer.Option("--ratio", min=0.0, max=1.0, help="Lowe's ratio "
                      "test threshold on L2 distances (1 disables it).")]
@@ -136,13 +140,14 @@ def _device(spec: str) -> Any:
 
 
 def _setup(method: Method, weights: str | None, device: str, batch_size: int,
-           max_keypoints: int, upright: bool, mr_size: float | None) -> tuple[Any, Any]:
+           max_keypoints: int, upright: bool, mr_size: float | None,
+           precision: str = DEFAULT_PRECISION) -> tuple[Any, Any]:
     from .describe import build_describer
     from .detect import SiftDetector
 
     dev = _device(device)
     detector = SiftDetector(max_keypoints=max_keypoints, upright=upright)
-    describer = build_describer(method.value, weights, dev, batch_size, mr_size)
+    describer = build_describer(method.value, weights, dev, batch_size, mr_size, precision)
     return detector, describer
 
 
@@ -192,6 +197,7 @@ def extract_cmd(
     resize_max: ResizeOpt = None,
     upright: UprightOpt = False,
     mr_size: MrOpt = None,
+    precision: PrecisionOpt = DEFAULT_PRECISION,
     half: HalfOpt = False,
     overwrite: OverwriteOpt = False,
     strict: StrictOpt = False,
@@ -202,7 +208,7 @@ def extract_cmd(
 
     imgs = list_images(images)
     detector, describer = _setup(method, weights, device, batch_size, max_keypoints, upright,
-                                 mr_size)
+                                 mr_size, precision)
     with _progress(f"extract {describer.name}") as cb:
         res = extract(imgs, output, describer, detector, resize_max, overwrite, strict,
                       half=half, progress=cb)
@@ -238,6 +244,7 @@ def match_cmd(
     resize_max: ResizeOpt = None,
     upright: UprightOpt = False,
     mr_size: MrOpt = None,
+    precision: PrecisionOpt = DEFAULT_PRECISION,
 ) -> None:
     """Match features (FEATURES.h5 OUT.h5), or two images directly (A.jpg B.jpg).
 
@@ -248,7 +255,7 @@ def match_cmd(
     ratio_v: float | None = None if ratio >= 1.0 else ratio
     if _looks_like_image(first) and _looks_like_image(second):
         _match_two(Path(first), Path(second), ratio_v, mutual, device, viz, geometry, method,
-                   weights, batch_size, max_keypoints, resize_max, upright, mr_size)
+                   weights, batch_size, max_keypoints, resize_max, upright, mr_size, precision)
         return
     from .h5 import Reader
     from .match import match
@@ -270,7 +277,7 @@ def match_cmd(
 def _match_two(a: Path, b: Path, ratio: float | None, mutual: bool, device: str,
                viz: Path | None, geometry: Geometry, method: Method, weights: str | None,
                batch_size: int, max_keypoints: int, resize_max: int | None, upright: bool,
-               mr_size: float | None) -> None:
+               mr_size: float | None, precision: str) -> None:
     import torch
 
     from .export.viz import draw_matches, verify, write_image
@@ -280,7 +287,7 @@ def _match_two(a: Path, b: Path, ratio: float | None, mutual: bool, device: str,
 
     t0 = time.perf_counter()
     detector, describer = _setup(method, weights, device, batch_size, max_keypoints, upright,
-                                 mr_size)
+                                 mr_size, precision)
     dev = _device(device)
     feats = []
     for p in (a, b):
@@ -309,8 +316,8 @@ def train_cmd(
     method: Annotated[str, typer.Option("--method", "-m", help="Net to train: l2net, "
                       "l2net-cs, hardnet, sosnet.")] = "hardnet",
     data: Annotated[list[str] | None, typer.Option("--data", help="Training data, repeatable: "
-                    "[photos|pool|brown:]PATH[@WEIGHT] (a folder of photos is "
-                    "self-supervised).")] = None,
+                    "[photos|multiview|pool|brown:]PATH[@WEIGHT] (photos: self-supervised; "
+                    "multiview: scenes with cameras.txt).")] = None,
     out_dir: Annotated[Path | None, typer.Option("--out", help="Run folder: pools, "
                        "checkpoint.pt, logs and the final <method>.pt (default "
                        "runs/<method>).")] = None,
@@ -378,6 +385,7 @@ def eval_homography(
     max_keypoints: MaxKptsOpt = 4000,
     upright: UprightOpt = False,
     mr_size: MrOpt = None,
+    precision: PrecisionOpt = DEFAULT_PRECISION,
     ratio: Annotated[float, typer.Option("--ratio", min=0.0, max=1.0, help="Ratio test "
                      "(1 = none: the protocol is mutual nearest neighbours alone).")] = 1.0,
     mutual: MutualOpt = True,
@@ -391,7 +399,7 @@ def eval_homography(
     from .evaluate import THRESHOLDS, evaluate_homography
 
     detector, describer = _setup(method, weights, device, batch_size, max_keypoints, upright,
-                                 mr_size)
+                                 mr_size, precision)
     rows = []
     for seq in sequences:
         rows += evaluate_homography(seq, describer, detector, None if ratio >= 1 else ratio,

@@ -15,6 +15,7 @@ import torch
 from .detect import Keypoints, SiftDetector, to_uint8
 from .errors import ConfigError
 from .nets import NETS, DescriptorNet
+from .nets.fold import fold_batchnorm
 from .patches import DEFAULT_MR_SIZE, build_pyramid, extract_patches
 from .weights import default_method, load_net
 
@@ -59,19 +60,48 @@ class SiftDescriber:
         return d
 
 
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+DEFAULT_PRECISION = "fp32"
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto``: fp16 on CUDA, bf16 on CPUs with native bf16, else fp32."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"--precision {precision}: choose one of {', '.join(PRECISIONS)}")
+    if precision != "auto":
+        if precision == "fp16" and device.type == "cpu":
+            raise ConfigError("--precision fp16 needs a CUDA device; use bf16 on the CPU")
+        return precision
+    if device.type == "cuda":
+        return "fp16"
+    return "bf16" if torch.backends.mkldnn.is_available() and _cpu_has_bf16() else "fp32"
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 class NetDescriber:
-    """A learned net on patches: one pyramid and one sampling call per image, the net in
-    chunks of ``batch_size`` under inference mode on ``device``."""
+    """A learned net on patches: one pyramid and one sampling call per image, the net (batch
+    norm folded in) in chunks of ``batch_size`` under inference mode on ``device``, in
+    ``precision`` (fp32 is the reference; bf16/fp16 run under autocast)."""
 
     def __init__(self, net: DescriptorNet, device: torch.device, batch_size: int = 1024,
-                 mr_size: float = DEFAULT_MR_SIZE, meta: dict[str, Any] | None = None) -> None:
-        self.net = net.to(device).eval()
+                 mr_size: float = DEFAULT_MR_SIZE, meta: dict[str, Any] | None = None,
+                 precision: str = "fp32") -> None:
+        self.net = fold_batchnorm(net.eval()).to(device)
         self.device = device
         self.batch_size = batch_size
         self.mr_size = mr_size
         self.name = net.name
         self.dim = net.dim
         self.meta = meta or {}
+        self.precision = resolve_precision(precision, device)
+        if self.precision == "fp32" and device.type == "cpu":
+            self.net = self.net.to(memory_format=torch.channels_last)
 
     @torch.inference_mode()
     def patches(self, image: np.ndarray, kps: Keypoints) -> torch.Tensor:
@@ -83,8 +113,14 @@ class NetDescriber:
 
     @torch.inference_mode()
     def describe_patches(self, patches: torch.Tensor) -> torch.Tensor:
-        out = [self.net(patches[i:i + self.batch_size])
-               for i in range(0, patches.shape[0], self.batch_size)]
+        """Shape: (N,1,P,P) -> (N,D) float32."""
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        if dtype is None and self.device.type == "cpu":
+            patches = patches.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.device.type, dtype=dtype or torch.float32,
+                            enabled=dtype is not None):
+            out = [self.net(patches[i:i + self.batch_size]).float()
+                   for i in range(0, patches.shape[0], self.batch_size)]
         if not out:
             return torch.zeros((0, self.dim), device=self.device)
         return torch.cat(out).float()
@@ -110,7 +146,8 @@ def resolve_method(method: str) -> str:
 
 def build_describer(method: str, weights: str | None = None,
                     device: torch.device | None = None, batch_size: int = 1024,
-                    mr_size: float | None = None) -> Describer:
+                    mr_size: float | None = None,
+                    precision: str = DEFAULT_PRECISION) -> Describer:
     method = resolve_method(method)
     if method in CLASSICAL:
         if weights is not None:
@@ -120,5 +157,6 @@ def build_describer(method: str, weights: str | None = None,
     if mr_size is None:
         mr_size = float(loaded.meta.get("mr_size", DEFAULT_MR_SIZE))
     meta = {"weights": loaded.path.name, "weights_sha256": loaded.sha256}
-    return NetDescriber(loaded.net, device or torch.device("cpu"), batch_size, mr_size, meta)
+    return NetDescriber(loaded.net, device or torch.device("cpu"), batch_size, mr_size, meta,
+                        precision)
 

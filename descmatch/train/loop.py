@@ -5,10 +5,12 @@ weights file that :func:`descmatch.weights.load_net` loads). What it does, in or
 
 * data: each source of ``config.data`` is ``[KIND:]PATH[@WEIGHT]`` with KIND ``photos`` (a
   folder of photos, made into a pool under ``<out_dir>/pools`` once, see :mod:`.pool`; a folder
-  that already is a pool is used as it is), ``pool`` (a pool folder) or ``brown`` (a
-  Brown/PhotoTour folder); without KIND it is guessed. Each batch comes from one source, drawn
-  with probability proportional to the weights, and holds points of ``images_per_batch``
-  photos (hard negatives); batch ``s`` is a pure function of ``(seed, s)``.
+  that already is a pool is used as it is), ``pool`` (a pool folder), ``brown`` (a
+  Brown/PhotoTour folder) or ``multiview`` (a scene folder with ``cameras.txt`` + ``images/``,
+  or a folder of such scenes, made into a multi-view pool under ``<out_dir>/pools`` once, see
+  :mod:`.multiview`; it must be named); without KIND it is guessed. Each batch comes from
+  one source, drawn with probability proportional to the weights, and holds points of
+  ``images_per_batch`` photos (hard negatives); batch ``s`` is a pure function of ``(seed, s)``.
 * validation: ``config.val`` (``brown:PATH``: a subsample of its m50 pairs; ``pool:PATH`` or
   ``photos:PATH``: a verification set with same-photo negatives) or, by default,
   ``val_fraction`` of the photos of the first source held out from training; FPR95 by
@@ -68,6 +70,7 @@ from ..weights import save_checkpoint
 from .brown import BrownDataset
 from .evaluation import describe_patches, fpr_at_recall, pair_distances
 from .losses import LOSSES, get_loss
+from .multiview import MultiviewPairPool, build_multiview_pool_for
 from .pool import MixedBatches, PairPool, build_photo_pool_for, is_pool
 
 log = logging.getLogger(__name__)
@@ -85,7 +88,7 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
 OPTIMIZER_LR = {"sgd": 10.0, "adam": 1e-3, "adamw": 1e-3}
 SCHEDULES = ("linear", "cosine", "constant")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
-DATA_KINDS = ("photos", "pool", "brown")
+DATA_KINDS = ("photos", "pool", "brown", "multiview")
 CHECKPOINT = "checkpoint.pt"
 LOG_CSV = "train_log.csv"
 LOG_JSON = "train_log.json"
@@ -94,7 +97,7 @@ LOG_COLUMNS = ("step", "loss", "lr", "fpr95", "pairs_per_s", "seconds", "batch_a
 
 @dataclass(frozen=True)
 class DataSpec:
-    """One data source: ``[KIND:]PATH[@WEIGHT]``, KIND in photos, pool, brown."""
+    """One data source: ``[KIND:]PATH[@WEIGHT]``, KIND in photos, pool, brown, multiview."""
 
     kind: str
     path: Path
@@ -313,6 +316,19 @@ def _open_source(spec: DataSpec, net_cls: type[DescriptorNet], config: TrainConf
                                    config.pairs_per_image, config.seed, config.pool_workers,
                                    cb, max_images=config.max_images)
         return _fit_pool(PairPool.load(out), net_cls, config, mr_sizes)
+    if spec.kind == "multiview":
+        if is_pool(spec.path):
+            out = spec.path
+        else:
+
+            def cb_mv(i: int, n: int, msg: str) -> None:
+                if progress:
+                    progress(i, n, f"multiview pool: {msg}")
+
+            out = build_multiview_pool_for(spec.path, Path(config.out_dir) / "pools",
+                                           net_cls.patch_size, config.mr_size,
+                                           net_cls.window_factor, config.seed, cb_mv)
+        return _fit_pool(MultiviewPairPool.load(out), net_cls, config, mr_sizes)
     raise ConfigError(f"unknown data kind {spec.kind!r}; valid: {', '.join(DATA_KINDS)}")
 
 
