@@ -424,6 +424,44 @@ def eval_homography(
         }, indent=1))
 
 
+@eval_app.command("epipolar")
+def eval_epipolar(
+    scenes: Annotated[list[Path], typer.Argument(help="Scene folders with cameras.txt and "
+                      "images/ (Strecha format).")],
+    method: MethodOpt = Method.auto,
+    weights: WeightsOpt = None,
+    device: DeviceOpt = "auto",
+    batch_size: BatchOpt = 1024,
+    max_keypoints: MaxKptsOpt = 4000,
+    upright: UprightOpt = False,
+    mr_size: MrOpt = None,
+    precision: PrecisionOpt = DEFAULT_PRECISION,
+    ratio: Annotated[float, typer.Option("--ratio", min=0.0, max=1.0, help="Ratio test "
+                     "(1 = none).")] = 1.0,
+    mutual: MutualOpt = True,
+    threshold: Annotated[float, typer.Option("--threshold", help="Correct: symmetric epipolar "
+                         "distance under this (px).")] = 2.0,
+) -> None:
+    """Matches of consecutive images and how many agree with the true cameras (epipolar
+    distance under --threshold px)."""
+    from .evaluate import evaluate_epipolar
+
+    detector, describer = _setup(method, weights, device, batch_size, max_keypoints, upright,
+                                 mr_size, precision)
+    rows = []
+    for scene in scenes:
+        rows += evaluate_epipolar(scene, describer, detector, None if ratio >= 1 else ratio,
+                                  mutual, _device(device), threshold)
+    table = Table("scene", "pair", "matches", "correct", "precision",
+                  title=f"{describer.name}, {max_keypoints} keypoints, epipolar < {threshold:g} px")
+    for r in rows:
+        table.add_row(r.scene, r.pair, str(r.matches), str(r.correct),
+                      f"{r.correct / max(r.matches, 1):.3f}")
+    m, c = sum(r.matches for r in rows), sum(r.correct for r in rows)
+    table.add_row("all", "", str(m), str(c), f"{c / max(m, 1):.3f}")
+    out.print(table)
+
+
 @eval_app.command("patches")
 def eval_patches(
     dataset: Annotated[Path, typer.Argument(help="Brown/PhotoTour folder (patch*.bmp, "

@@ -120,3 +120,52 @@ def evaluate_homography(seq: str | Path, describer: Any, detector: Any,
         err = homography_corner_error(h_est, h_true, w0, h0)
         rows.append(HomographyRow(seq.name, f"1-{i + 1}", s.matches, s.correct, err))
     return rows
+
+
+@dataclass
+class EpipolarRow:
+    """One image pair of a scene with known cameras."""
+
+    scene: str
+    pair: str
+    matches: int
+    correct: int  # symmetric epipolar distance under the threshold
+
+
+def evaluate_epipolar(scene: str | Path, describer: Any, detector: Any,
+                      ratio: float | None = None, mutual: bool = True, device: Any = "cpu",
+                      threshold: float = 2.0, step: int = 1) -> list[EpipolarRow]:
+    """Match consecutive images (i, i+step) of a scene with ``cameras.txt`` and count the
+    matches within ``threshold`` px of their epipolar lines under the true cameras."""
+    import torch
+
+    from .cameras import epipolar_distance, fundamental_matrix, read_cameras
+    from .images import read_image
+    from .match import match_descriptors
+
+    scene = Path(scene)
+    cam_file = scene / "cameras.txt"
+    if not cam_file.is_file():
+        raise InputError(f"{scene}: no cameras.txt")
+    cams = read_cameras(cam_file)
+    img_dir = scene / "images" if (scene / "images").is_dir() else scene
+    names = sorted(cams)
+    feats = {}
+    for n in names:
+        path = img_dir / n
+        if not path.is_file():
+            raise InputError(f"{cam_file}: image {n} is not in {img_dir}")
+        img = read_image(path)
+        kps = detector(img)
+        feats[n] = (kps, torch.from_numpy(describer(img, kps)).to(device))
+    rows = []
+    for i in range(len(names) - step):
+        a, b = names[i], names[i + step]
+        (k0, d0), (k1, d1) = feats[a], feats[b]
+        m, _ = match_descriptors(d0, d1, ratio, mutual)
+        m_np = m.cpu().numpy()
+        i0 = np.nonzero(m_np >= 0)[0]
+        f = fundamental_matrix(cams[a], cams[b])
+        err = epipolar_distance(f, k0.xy[i0], k1.xy[m_np[i0]])
+        rows.append(EpipolarRow(scene.name, f"{a}-{b}", len(i0), int((err < threshold).sum())))
+    return rows
