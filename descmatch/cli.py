@@ -316,8 +316,9 @@ def train_cmd(
     method: Annotated[str, typer.Option("--method", "-m", help="Net to train: l2net, "
                       "l2net-cs, hardnet, sosnet.")] = "hardnet",
     data: Annotated[list[str] | None, typer.Option("--data", help="Training data, repeatable: "
-                    "[photos|multiview|pool|brown:]PATH[@WEIGHT] (photos: self-supervised; "
-                    "multiview: scenes with cameras.txt).")] = None,
+                    "[photos|multiview|hpatches|pool|brown:]PATH[@WEIGHT] (photos: "
+                    "self-supervised; multiview: scenes with cameras.txt; hpatches: "
+                    "sequences with images 1..N and H_1_i).")] = None,
     out_dir: Annotated[Path | None, typer.Option("--out", help="Run folder: pools, "
                        "checkpoint.pt, logs and the final <method>.pt (default "
                        "runs/<method>).")] = None,
@@ -350,9 +351,33 @@ def train_cmd(
                           "many photos per source.")] = None,
     workers: Annotated[int, typer.Option("--workers", min=1, help="Processes generating "
                        "training pairs.")] = 1,
+    sampler: Annotated[str, typer.Option("--sampler", help="Batch composition: same-image "
+                       "(few photos x many points), random (HardNet: uniform over the pool), "
+                       "progressive (L2-Net), hard-negative (points close in descriptor "
+                       "space, mined with the current net).")] = "same-image",
+    p1_fraction: Annotated[float, typer.Option("--p1-fraction", min=0.0, max=1.0,
+                           help="progressive: share of a batch walking the shuffled "
+                           "sequence.")] = 0.5,
+    mine_every: Annotated[int, typer.Option("--mine-every", min=1, help="hard-negative: "
+                          "steps between descriptor updates.")] = 1000,
+    mine_points: Annotated[int, typer.Option("--mine-points", min=2, help="hard-negative: "
+                           "random points per source described at each update.")] = 32768,
+    mine_group: Annotated[int, typer.Option("--mine-group", min=0, help="hard-negative: "
+                          "points per group of neighbours (0: the whole batch).")] = 64,
 ) -> None:
     """Train a descriptor net (L2-Net, HardNet, SOSNet objectives) with checkpoints and
-    validation FPR95; writes <out>/<method>.pt, loadable with --weights."""
+    validation FPR95; writes <out>/<method>.pt, loadable with --weights.
+
+    Data-parallel in several processes (DistributedDataParallel; gloo on the CPU,
+    NCCL on CUDA with one GPU per process, cuda:LOCAL_RANK):
+
+      torchrun --nproc_per_node 2 -m descmatch train --data ... --out ...
+
+    --batch-size is the global batch: each process trains on its share of it.
+    Rank 0 alone builds pools, validates, logs and writes; --resume is exact
+    with the same number of processes."""
+    import os
+
     from .train.loop import TrainConfig, train
 
     if not data:
@@ -363,7 +388,12 @@ def train_cmd(
         device=str(_device(device)), precision=precision, val=val, eval_every=eval_every,
         checkpoint_every=checkpoint_every, resume=resume, time_limit_s=time_limit,
         mr_size=mr_size, pairs_per_image=pairs_per_image, max_images=max_images,
-        pool_workers=workers, command="descmatch " + " ".join(sys.argv[1:]))
+        pool_workers=workers, sampler=sampler, p1_fraction=p1_fraction,
+        mine_every=mine_every, mine_points=mine_points, mine_group=mine_group or None,
+        command="descmatch " + " ".join(sys.argv[1:]))
+    if os.environ.get("RANK", "0") != "0":  # another rank of a torchrun launch: rank 0 reports
+        train(cfg)
+        return
     with _progress(f"train {method}") as cb:
         path = train(cfg, progress=cb)
     _say(f"wrote {path}")

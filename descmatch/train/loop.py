@@ -6,11 +6,20 @@ weights file that :func:`descmatch.weights.load_net` loads). What it does, in or
 * data: each source of ``config.data`` is ``[KIND:]PATH[@WEIGHT]`` with KIND ``photos`` (a
   folder of photos, made into a pool under ``<out_dir>/pools`` once, see :mod:`.pool`; a folder
   that already is a pool is used as it is), ``pool`` (a pool folder), ``brown`` (a
-  Brown/PhotoTour folder) or ``multiview`` (a scene folder with ``cameras.txt`` + ``images/``,
+  Brown/PhotoTour folder), ``multiview`` (a scene folder with ``cameras.txt`` + ``images/``,
   or a folder of such scenes, made into a multi-view pool under ``<out_dir>/pools`` once, see
-  :mod:`.multiview`; it must be named); without KIND it is guessed. Each batch comes from
-  one source, drawn with probability proportional to the weights, and holds points of
-  ``images_per_batch`` photos (hard negatives); batch ``s`` is a pure function of ``(seed, s)``.
+  :mod:`.multiview`; it must be named) or ``hpatches`` (an HPatches-style sequence, images
+  1..N and ``H_1_i``, or a folder of them: pairs of detected keypoints that agree under the
+  homography, made into a pool under ``<out_dir>/pools`` once, see :mod:`.hpatches`; it must
+  be named); without KIND it is guessed. Each batch comes from one source, drawn with
+  probability proportional to the weights; batch ``s`` is a pure function of ``(seed, s)``.
+* sampler (how a batch's points are chosen in its source, :class:`~.pool.MixedBatches`):
+  ``same-image`` (default: ``images_per_batch`` photos, many points each, hard negatives),
+  ``random`` (HardNet: distinct points uniformly over the pool), ``progressive`` (L2-Net:
+  ``p1_fraction`` of the batch walks a shuffled sequence of the pool, the rest random) or
+  ``hard-negative`` (groups of ``mine_group`` points close in descriptor space; the first
+  patches of a random subset of ``mine_points`` points are described with the current net
+  every ``mine_every`` steps; what was mined is kept in the checkpoint).
 * validation: ``config.val`` (``brown:PATH``: a subsample of its m50 pairs; ``pool:PATH`` or
   ``photos:PATH``: a verification set with same-photo negatives) or, by default,
   ``val_fraction`` of the photos of the first source held out from training; FPR95 by
@@ -35,8 +44,16 @@ weights file that :func:`descmatch.weights.load_net` loads). What it does, in or
 * logs: ``train_log.csv`` and ``train_log.json`` in ``out_dir`` (step, loss, lr, fpr95,
   pairs/s, seconds, in-batch accuracy), both rewritten atomically.
 
-Data-parallel training later: :class:`~descmatch.train.pool.MixedBatches` already takes
-``rank``/``world_size`` and gives each rank its rows of the global batch.
+* data-parallel: launched by ``torchrun --nproc_per_node N -m descmatch train ...`` (the
+  environment has ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``), :func:`train` joins the process
+  group (gloo on the CPU; NCCL on CUDA, device ``cuda:LOCAL_RANK``), wraps the net in
+  DistributedDataParallel and each rank takes rows ``rank::world_size`` of every global batch
+  (``batch_size`` stays the global batch; the gradients are averaged over the ranks; batch norm
+  sees each rank's rows). Rank 0 alone builds pools, validates, logs and writes checkpoints
+  and weights; the checkpoint holds every rank's RNG state, so ``resume`` is exact with the
+  same number of processes, and every checkpoint checks that the ranks' weights agree. The
+  loss and accuracy logged are the ranks' mean. Hardest-in-batch losses see only a rank's rows:
+  N processes do not give the same steps as one process.
 """
 
 from __future__ import annotations
@@ -51,15 +68,17 @@ import os
 import platform
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, fields
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field, fields, replace
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from .. import __version__ as _version
 from ..device import resolve_device
@@ -69,9 +88,10 @@ from ..patches import DEFAULT_MR_SIZE
 from ..weights import save_checkpoint
 from .brown import BrownDataset
 from .evaluation import describe_patches, fpr_at_recall, pair_distances
+from .hpatches import build_hpatches_pool_for
 from .losses import LOSSES, get_loss
 from .multiview import MultiviewPairPool, build_multiview_pool_for
-from .pool import MixedBatches, PairPool, build_photo_pool_for, is_pool
+from .pool import SAMPLERS, MixedBatches, PairPool, build_photo_pool_for, is_pool
 
 log = logging.getLogger(__name__)
 
@@ -88,16 +108,19 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
 OPTIMIZER_LR = {"sgd": 10.0, "adam": 1e-3, "adamw": 1e-3}
 SCHEDULES = ("linear", "cosine", "constant")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
-DATA_KINDS = ("photos", "pool", "brown", "multiview")
+DATA_KINDS = ("photos", "pool", "brown", "multiview", "hpatches")
 CHECKPOINT = "checkpoint.pt"
 LOG_CSV = "train_log.csv"
 LOG_JSON = "train_log.json"
 LOG_COLUMNS = ("step", "loss", "lr", "fpr95", "pairs_per_s", "seconds", "batch_acc")
+#: Collective timeout of data-parallel runs: rank 0 may build pools while the others wait.
+DIST_TIMEOUT = timedelta(hours=4)
 
 
 @dataclass(frozen=True)
 class DataSpec:
-    """One data source: ``[KIND:]PATH[@WEIGHT]``, KIND in photos, pool, brown, multiview."""
+    """One data source: ``[KIND:]PATH[@WEIGHT]``, KIND in photos, pool, brown, multiview,
+    hpatches."""
 
     kind: str
     path: Path
@@ -143,7 +166,10 @@ class TrainConfig:
     (:data:`METHOD_DEFAULTS`). ``eval_every`` None: once per epoch over the training points.
     ``val``: None holds out ``val_fraction`` of the first source's photos; ``"none"`` skips
     validation. ``time_limit_s`` stops early (checkpoint and weights written) after that much
-    training time in this call. ``command`` is recorded in the weights' meta.
+    training time in this call. ``command`` is recorded in the weights' meta. ``sampler``
+    (one of :data:`~descmatch.train.pool.SAMPLERS`) with ``p1_fraction`` (progressive) and
+    ``mine_every``, ``mine_points``, ``mine_group`` (hard-negative; None: one group per batch)
+    composes the batches. ``rank``/``world_size`` are set from the environment under torchrun.
     """
 
     method: str = "hardnet"
@@ -180,6 +206,11 @@ class TrainConfig:
     pairs_per_image: int = 512
     pool_workers: int = 1
     max_images: int | None = None
+    sampler: str = "same-image"
+    p1_fraction: float = 0.5
+    mine_every: int = 1000
+    mine_points: int = 32768
+    mine_group: int | None = 64
     net_conf: dict[str, Any] = field(default_factory=dict)
     command: str = ""
     rank: int = 0
@@ -205,6 +236,8 @@ class TrainConfig:
         if self.precision not in PRECISIONS:
             raise ConfigError(f"unknown precision {self.precision!r}; valid: "
                               f"{', '.join(PRECISIONS)}")
+        if self.sampler not in SAMPLERS:
+            raise ConfigError(f"unknown sampler {self.sampler!r}; valid: {', '.join(SAMPLERS)}")
         return {"loss": loss, "optimizer": opt, "lr": float(lr), "weight_decay": float(wd)}
 
     def to_dict(self) -> dict[str, Any]:
@@ -329,6 +362,20 @@ def _open_source(spec: DataSpec, net_cls: type[DescriptorNet], config: TrainConf
                                            net_cls.patch_size, config.mr_size,
                                            net_cls.window_factor, config.seed, cb_mv)
         return _fit_pool(MultiviewPairPool.load(out), net_cls, config, mr_sizes)
+    if spec.kind == "hpatches":
+        if is_pool(spec.path):
+            out = spec.path
+        else:
+
+            def cb_hp(i: int, n: int, msg: str) -> None:
+                if progress:
+                    progress(i, n, f"hpatches pool: {msg}")
+
+            out = build_hpatches_pool_for(spec.path, Path(config.out_dir) / "pools",
+                                          net_cls.patch_size, config.mr_size,
+                                          net_cls.window_factor, config.pairs_per_image,
+                                          config.seed, cb_hp)
+        return _fit_pool(PairPool.load(out), net_cls, config, mr_sizes)
     raise ConfigError(f"unknown data kind {spec.kind!r}; valid: {', '.join(DATA_KINDS)}")
 
 
@@ -456,29 +503,128 @@ class _Evaluator:
         return fpr_at_recall(pair_distances(desc, v.idx0, v.idx1), v.is_match, 0.95)
 
 
+class _Features(nn.Module):
+    """``forward`` is the net's ``forward_features``: what DistributedDataParallel wraps (its
+    gradient hooks need the call to go through its own forward)."""
+
+    def __init__(self, net: DescriptorNet) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+        return self.net.forward_features(x)
+
+
+@dataclass
+class _Dist:
+    """This process's place in a data-parallel run (``active``: a process group is used)."""
+
+    rank: int = 0
+    world_size: int = 1
+    active: bool = False
+
+    @property
+    def main(self) -> bool:
+        return not self.active or self.rank == 0
+
+    def barrier(self) -> None:
+        if self.active:
+            dist.barrier()
+
+    def mean(self, values: Tensor) -> Tensor:
+        if self.active:
+            dist.all_reduce(values)
+            values = values / self.world_size
+        return values
+
+    def any(self, flag: bool, device: torch.device) -> bool:
+        if not self.active:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item() > 0)
+
+    def gather(self, obj: Any) -> list[Any]:
+        if not self.active:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+
+def _launch_env() -> tuple[int, int, int] | None:
+    """(rank, world size, local rank) when torchrun (or the like) started more than one
+    process, else None."""
+    try:
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    except (KeyError, ValueError):
+        return None
+    if world <= 1:
+        return None
+    return rank, world, int(os.environ.get("LOCAL_RANK", rank))
+
+
+def _weights_digest(net: nn.Module) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for v in net.parameters():
+        h.update(v.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 def train(config: TrainConfig, progress: Progress | None = None) -> Path:
     """Train ``config.method`` on ``config.data``; return ``<out_dir>/<method>.pt``.
 
     ``progress(step, steps, text)`` is called after every step (and while a photo pool is
-    built). See the module docstring for what is done and written.
+    built). See the module docstring for what is done and written. Under torchrun (``RANK``,
+    ``WORLD_SIZE`` > 1, ``LOCAL_RANK`` in the environment) this process joins the process group
+    (made here and destroyed at the end unless it already existed) and trains its share of
+    every batch; only rank 0 calls ``progress`` and writes.
     """
+    env = _launch_env()
+    device = resolve_device(config.device)
+    if env is None:
+        return _train(config, progress, device, _Dist(config.rank, config.world_size))
+    rank, world, local = env
+    if device.type == "cuda":
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    owns = not dist.is_initialized()
+    if owns:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=DIST_TIMEOUT)
+    try:
+        return _train(replace(config, rank=rank, world_size=world),
+                      progress if rank == 0 else None, device, _Dist(rank, world, True))
+    finally:
+        if owns and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(config: TrainConfig, progress: Progress | None, device: torch.device,
+           d: _Dist) -> Path:
     t_setup = time.perf_counter()
     opts = config.resolved()
     if not config.data:
         raise ConfigError("no training data: give at least one data source")
     if config.steps < 1 or config.batch_size < 2:
         raise ConfigError("steps must be >= 1 and batch_size >= 2")
+    if d.active and config.batch_size < 2 * d.world_size:
+        raise ConfigError(f"batch size {config.batch_size} is too small for {d.world_size} "
+                          "processes (at least 2 pairs each)")
     out_dir = Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = out_dir / CHECKPOINT
     if ckpt_path.is_file() and not config.resume:
         raise OutputError(f"{out_dir}: holds a training run ({CHECKPOINT}); resume it or choose "
                           "another folder")
-    device = resolve_device(config.device)
     amp = _autocast(device, config.precision)
     net_cls = NETS[config.method]
 
-    # Data.
+    # Data (pools are built by rank 0 while the others wait, then opened by all).
+    if not d.main:
+        d.barrier()
     specs = [DataSpec.parse(s) for s in config.data]
     mr_sizes: list[float] = []
     pools = [_open_source(s, net_cls, config, mr_sizes, progress) for s in specs]
@@ -490,20 +636,26 @@ def train(config: TrainConfig, progress: Progress | None = None) -> Path:
     if val_spec.lower() == "none":
         pass
     elif val_spec:
-        vs = DataSpec.parse(val_spec)
-        if vs.kind == "brown":
-            val = _brown_val(vs.path, net_cls.patch_size, config.val_pairs, config.seed)
-        else:
-            vpool = _open_source(vs, net_cls, config, [], progress)
-            val = _pool_val(vpool, config.val_pairs, config.seed, str(vs))
+        if d.main:
+            vs = DataSpec.parse(val_spec)
+            if vs.kind == "brown":
+                val = _brown_val(vs.path, net_cls.patch_size, config.val_pairs, config.seed)
+            else:
+                vpool = _open_source(vs, net_cls, config, [], progress)
+                val = _pool_val(vpool, config.val_pairs, config.seed, str(vs))
     else:
         train_part, held = pools[0].split(config.val_fraction, config.seed)
         pools[0] = train_part
-        val = _pool_val(held, config.val_pairs, config.seed,
-                        f"{len(held)} held-out points of {specs[0]}")
+        if d.main:
+            val = _pool_val(held, config.val_pairs, config.seed,
+                            f"{len(held)} held-out points of {specs[0]}")
+    if d.active and d.main:
+        d.barrier()
     batches = MixedBatches(pools, [s.weight for s in specs], config.batch_size,
                            config.images_per_batch, config.seed, config.rank,
-                           config.world_size)
+                           config.world_size, sampler=config.sampler,
+                           p1_fraction=config.p1_fraction, mine_every=config.mine_every,
+                           mine_points=config.mine_points, mine_group=config.mine_group)
     train_points = sum(p.num_points for p, s in zip(pools, specs, strict=True) if s.weight > 0)
     eval_every = (config.eval_every if config.eval_every is not None
                   else max(1, -(-train_points // config.batch_size)))
@@ -542,18 +694,35 @@ def train(config: TrainConfig, progress: Progress | None = None) -> Path:
             scaler.load_state_dict(ck["scaler"])
         start, elapsed = int(ck["step"]), float(ck.get("elapsed", 0.0))
         last_fpr = ck.get("meta", {}).get("val_fpr95")
-        torch.set_rng_state(ck["rng"]["torch"])
-        if device.type == "cuda" and ck["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(ck["rng"]["cuda"], device)
+        rng_state = ck["rng"]
+        ranks = rng_state.get("ranks")
+        if d.active and ranks and len(ranks) == d.world_size:
+            rng_state = ranks[d.rank]
+        elif d.active or ranks:
+            log.warning("%s: saved by %d process(es), resumed by %d: the random streams of "
+                        "the ranks differ from an uninterrupted run", ckpt_path,
+                        len(ranks) if ranks else 1, d.world_size if d.active else 1)
+        torch.set_rng_state(rng_state["torch"])
+        if device.type == "cuda" and rng_state.get("cuda") is not None:
+            torch.cuda.set_rng_state(rng_state["cuda"], device)
+        batches.load_mining_state(ck.get("sampler_state"))
         rows = [r for r in read_log(out_dir) if r["step"] <= start]
         log.info("resuming %s at step %d", out_dir, start)
         # Reapply the schedule at this step (a resumed run may have a new number of steps).
         for g, base in zip(optimizer.param_groups, scheduler.base_lrs, strict=True):
             g["lr"] = base * _lr_factor(start, total, config.lr_schedule, config.warmup_steps)
 
+    features: nn.Module = _Features(net)
+    if d.active:
+        from torch.nn.parallel import DistributedDataParallel
+
+        features = DistributedDataParallel(
+            features, device_ids=[device.index] if device.type == "cuda" else None)
+
     evaluator = _Evaluator(val, device, amp, config.eval_batch_size)
+    hardware = hardware_name(device) + (f" x {d.world_size} processes" if d.active else "")
     header = {"config": config.to_dict(), "resolved": opts, "data": data_desc,
-              "val": val.name if val else None, "hardware": hardware_name(device),
+              "val": val.name if val else None, "hardware": hardware,
               "precision": str(amp[1]).replace("torch.", "") if amp[1] else "fp32",
               "eval_every": eval_every}
     log.info("setup %.1f s: %s", time.perf_counter() - t_setup, data_desc)
@@ -561,6 +730,7 @@ def train(config: TrainConfig, progress: Progress | None = None) -> Path:
     def meta(step: int) -> dict[str, Any]:
         return {"data": data_desc, "data_sources": [str(s) for s in specs], "steps": step,
                 "batch_size": config.batch_size, "images_per_batch": config.images_per_batch,
+                "sampler": config.sampler, "world_size": d.world_size if d.active else 1,
                 "pairs_seen": step * config.batch_size, **opts,
                 "wall_time_s": round(elapsed, 1), "hardware": header["hardware"],
                 "precision": header["precision"], "val_fpr95": last_fpr, "val_set": header["val"],
@@ -569,13 +739,42 @@ def train(config: TrainConfig, progress: Progress | None = None) -> Path:
                 "command": config.command, "descmatch_version": _version}
 
     def save_training(step: int) -> None:
+        """Write the checkpoint (rank 0); in a data-parallel run every rank takes part: the
+        ranks' RNG states are gathered and their weights checked to agree."""
         rng: dict[str, Any] = {"torch": torch.get_rng_state()}
         if device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(device)
-        save_checkpoint(ckpt_path, net, meta(step), optimizer=optimizer.state_dict(),
-                        scheduler=scheduler.state_dict(),
-                        scaler=scaler.state_dict() if scaler is not None else None,
-                        step=step, elapsed=elapsed, rng=rng, config=config.to_dict())
+        if d.active:
+            got = d.gather({"rng": rng, "digest": _weights_digest(net)})
+            if len({g["digest"] for g in got}) > 1:
+                raise TrainingError(f"step {step}: the weights of the {d.world_size} ranks "
+                                    "differ (data-parallel training went out of step)")
+            rng = {**rng, "ranks": [g["rng"] for g in got]}
+        if d.main:
+            save_checkpoint(ckpt_path, net, meta(step), optimizer=optimizer.state_dict(),
+                            scheduler=scheduler.state_dict(),
+                            scaler=scaler.state_dict() if scaler is not None else None,
+                            step=step, elapsed=elapsed, rng=rng, config=config.to_dict(),
+                            sampler_state=batches.mining_state())
+
+    def describe_for_mining(patches: np.ndarray) -> np.ndarray:
+        """Descriptors with the current net (eval mode, as validation), each rank describing
+        its share of the patches and all of them gathered. Shape: (N,P,P) -> (N,D) float32."""
+        n = len(patches)
+        if d.active:
+            per = -(-n // d.world_size)
+            patches = patches[d.rank * per:(d.rank + 1) * per]
+        ctx = (torch.autocast(amp[0], dtype=amp[1]) if amp[1] is not None
+               else contextlib.nullcontext())
+        with ctx:
+            desc = describe_patches(net, patches, device, config.eval_batch_size)
+        if not d.active:
+            return desc
+        buf = torch.zeros(per, net.dim, device=device)
+        buf[:len(desc)] = torch.from_numpy(desc).to(device)
+        parts = [torch.empty_like(buf) for _ in range(d.world_size)]
+        dist.all_gather(parts, buf)
+        return torch.cat(parts)[:n].cpu().numpy()
 
     p = net_cls.patch_size
 
@@ -590,7 +789,7 @@ def train(config: TrainConfig, progress: Progress | None = None) -> Path:
         ctx = (torch.autocast(amp[0], dtype=amp[1]) if amp[1] is not None
                else contextlib.nullcontext())
         with ctx:
-            desc, feats = net.forward_features(inp)
+            desc, feats = features(inp)
         desc = desc.float()
         a, pos = desc[:b], desc[b:]
         if opts["loss"] == "l2net":
@@ -613,18 +812,35 @@ def train(config: TrainConfig, progress: Progress | None = None) -> Path:
         scheduler.step()
         with torch.no_grad():
             acc = (torch.mm(a, pos.t()).argmax(1) == torch.arange(b, device=a.device)).float()
+        if d.active:
+            both = d.mean(torch.stack([loss.detach().float(), acc.mean()]))
+            return float(both[0].item()), float(both[1].item())
         return float(loss.item()), float(acc.mean().item())
 
     net.train()
+    features.train()
     step = start
     t_run = time.perf_counter()
     interval_loss, interval_acc, interval_n, interval_t = 0.0, 0.0, 0, 0.0
     with ThreadPoolExecutor(1) as prefetch:
-        nxt = prefetch.submit(batches.batch, step) if step < total else None
-        while step < total and nxt is not None:
+
+        def fetch(s: int) -> Future[tuple[np.ndarray, int]] | None:
+            # A batch of a new mining round waits for the mining (after the step before it).
+            if s >= total or batches.needs_mining(s):
+                return None
+            return prefetch.submit(batches.batch, s)
+
+        nxt = fetch(step)
+        while step < total:
             t0 = time.perf_counter()  # step time includes waiting for data, not evaluation
+            if nxt is None:
+                if batches.needs_mining(step):
+                    batches.mine(step, describe_for_mining)
+                    log.info("step %d: mined hard negatives in %.1f s", step,
+                             time.perf_counter() - t0)
+                nxt = prefetch.submit(batches.batch, step)
             batch, _src = nxt.result()
-            nxt = prefetch.submit(batches.batch, step + 1) if step + 1 < total else None
+            nxt = fetch(step + 1)
             loss_v, acc_v = train_step(batch, step)
             step += 1
             dt = time.perf_counter() - t0
@@ -634,18 +850,18 @@ def train(config: TrainConfig, progress: Progress | None = None) -> Path:
             interval_acc += acc_v
             interval_n += 1
             stop = (config.time_limit_s is not None
-                    and time.perf_counter() - t_run >= config.time_limit_s)
+                    and d.any(time.perf_counter() - t_run >= config.time_limit_s, device))
             is_last = step == total or stop
             fpr = None
             if val is not None and (step % eval_every == 0 or is_last):
                 fpr = evaluator(net)
                 net.train()
                 last_fpr = fpr
-            if step % config.log_every == 0 or is_last or fpr is not None:
+            if d.main and (step % config.log_every == 0 or is_last or fpr is not None):
+                n_rows = interval_n * len(batch) * (d.world_size if d.active else 1)
                 rows.append({"step": step, "loss": round(interval_loss / interval_n, 6),
                              "lr": optimizer.param_groups[0]["lr"], "fpr95": fpr,
-                             "pairs_per_s": round(interval_n * len(batch) / max(interval_t, 1e-9),
-                                                  1),
+                             "pairs_per_s": round(n_rows / max(interval_t, 1e-9), 1),
                              "seconds": round(elapsed, 2),
                              "batch_acc": round(interval_acc / interval_n, 4)})
                 _write_logs(out_dir, rows, header)
@@ -664,9 +880,14 @@ def train(config: TrainConfig, progress: Progress | None = None) -> Path:
     if step == start:  # nothing to do (resumed a finished run): refresh the weights' meta
         last_fpr = evaluator(net) if val is not None else last_fpr
         save_training(step)
-        _write_logs(out_dir, rows, header)
+        if d.main:
+            _write_logs(out_dir, rows, header)
     net.eval()
-    return save_checkpoint(out_dir / f"{config.method}.pt", net, meta(step))
+    path = out_dir / f"{config.method}.pt"
+    if d.main:
+        save_checkpoint(path, net, meta(step))
+    d.barrier()
+    return path
 
 
 def default_loss(method: str) -> str:

@@ -17,7 +17,14 @@ or interruptions.
 patches through the same interface (a point's two patches are drawn at random among its
 patches). :class:`SameImageSampler` composes batches from a few images (groups) so that the
 in-batch negatives are hard; :class:`MixedBatches` mixes several pools with weights (one pool
-per batch, so a batch never mixes easy cross-source negatives in).
+per batch, so a batch never mixes easy cross-source negatives in) and composes each pool's
+batches with one of :data:`SAMPLERS`: ``same-image`` (the default, :class:`SameImageSampler`),
+``random`` (HardNet's: distinct points uniformly over the pool,
+:class:`~descmatch.train.samplers.HardNetSampler`), ``progressive`` (L2-Net's:
+:class:`~descmatch.train.samplers.ProgressiveSampler`) or ``hard-negative`` (points close in
+descriptor space, :class:`MinedSampler` over
+:class:`~descmatch.train.samplers.HardNegativeSampler`, mined again every ``mine_every``
+steps with the current net on a bounded random subset of the pool).
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ from ..errors import ConfigError, ImageReadError, InputError, OutputError
 from ..images import list_images
 from ..patches import DEFAULT_MR_SIZE
 from .photos import PhotoPairConfig, load_photo, photo_pairs
+from .samplers import HardNegativeSampler, HardNetSampler, ProgressiveSampler
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +55,8 @@ POOL_VERSION = 1
 PAIRS_FILE = "pairs.npy"
 META_FILE = "meta.json"
 PARTS_DIR = "parts"
+#: How the points of a batch are chosen within its pool (see :class:`MixedBatches`).
+SAMPLERS = ("same-image", "random", "progressive", "hard-negative")
 
 Progress = Callable[[int, int, str], None]
 
@@ -236,17 +246,7 @@ def build_pool(
     total = int(sum(counts_all))
     if total == 0:
         raise InputError(f"{', '.join(map(str, photo_dirs))}: no pairs could be made")
-    tmp = out / (PAIRS_FILE + ".tmp.npy")
-    arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8,
-                                    shape=(total, 2, patch_size, patch_size))
-    pos = 0
-    for c in range(len(chunks)):
-        part = np.load(parts / f"part_{c:05d}.npy", mmap_mode="r")
-        arr[pos:pos + len(part)] = part
-        pos += len(part)
-    arr.flush()
-    del arr
-    os.replace(tmp, out / PAIRS_FILE)
+    assemble_parts(parts, len(chunks), out, total, patch_size)
     offsets = np.concatenate([[0], np.cumsum(counts_all)]).astype(int).tolist()
     meta = {
         **settings,
@@ -261,6 +261,22 @@ def build_pool(
     _atomic_write_text(out / META_FILE, json.dumps(meta, indent=1))
     shutil.rmtree(parts, ignore_errors=True)
     return out
+
+
+def assemble_parts(parts: Path, num_parts: int, out: Path, total: int, patch_size: int) -> None:
+    """Concatenate ``parts/part_00000.npy`` .. (``num_parts`` of them, ``total`` pairs in all)
+    into ``out/pairs.npy``, written under a temporary name and renamed."""
+    tmp = out / (PAIRS_FILE + ".tmp.npy")
+    arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8,
+                                    shape=(total, 2, patch_size, patch_size))
+    pos = 0
+    for c in range(num_parts):
+        part = np.load(parts / f"part_{c:05d}.npy", mmap_mode="r")
+        arr[pos:pos + len(part)] = part
+        pos += len(part)
+    arr.flush()
+    del arr
+    os.replace(tmp, out / PAIRS_FILE)
 
 
 # --------------------------------------------------------------------------------------------
@@ -532,21 +548,96 @@ class SameImageSampler:
                 break
         return np.concatenate(out)
 
+    def batch_points(self, rng: np.random.Generator, step: int) -> np.ndarray:
+        """The points of batch ``step``: :meth:`points` (stateless; the step is not used)."""
+        return self.points(rng)
+
+
+def _point_ids(num_points: int) -> np.ndarray:
+    """Patch -> point ids of a pool for :mod:`.samplers`: point k's pair is patches 2k, 2k+1,
+    so the samplers' point k is the pool's point k. Shape: -> (2*num_points,) int64."""
+    return np.repeat(np.arange(num_points, dtype=np.int64), 2)
+
+
+def _sub_seed(*key: int) -> int:
+    return int(np.random.SeedSequence([int(k) for k in key]).generate_state(1)[0])
+
+
+class MinedSampler:
+    """Hard-negative batches of one pool: a :class:`~descmatch.train.samplers.HardNegativeSampler`
+    over a random subset of at most ``mine_points`` points (at least ``batch_size``) whose
+    descriptors were computed with the current net (:meth:`MixedBatches.mine`); batches are
+    groups of ``group_size`` points close in descriptor space (a random seed point and its
+    nearest neighbours). A point is described by its first patch; the descriptors are kept as
+    float16, as a checkpoint stores them, so a resumed run mines exactly the same batches.
+
+    Shape: ``batch_points(rng, step)`` -> (batch_size,) pool point indices.
+    """
+
+    def __init__(self, num_points: int, batch_size: int, mine_points: int,
+                 group_size: int | None, seed: int) -> None:
+        if not 2 <= batch_size <= num_points:
+            raise ConfigError(f"batch size {batch_size} must be within 2..{num_points} (the "
+                              "number of training points)")
+        self.num_points, self.batch_size = int(num_points), int(batch_size)
+        self.subset_size = min(self.num_points, max(int(mine_points), self.batch_size))
+        self.group_size = None if group_size is None else max(1, int(group_size))
+        self.seed = int(seed)
+        self.subset: np.ndarray | None = None
+        self.descriptors: np.ndarray | None = None
+        self._sampler: HardNegativeSampler | None = None
+
+    def draw_subset(self, rng: np.random.Generator) -> np.ndarray:
+        """Points to mine among. Shape: -> (subset_size,) int64, sorted."""
+        if self.subset_size == self.num_points:
+            return np.arange(self.num_points, dtype=np.int64)
+        return np.sort(rng.choice(self.num_points, self.subset_size, replace=False))
+
+    def set_descriptors(self, subset: np.ndarray, descriptors: np.ndarray) -> None:
+        """Mine among ``subset`` with these descriptors (one row per point, rounded to float16).
+        Shape: subset (S,), descriptors (S,D)."""
+        subset = np.asarray(subset, np.int64)
+        desc = np.asarray(descriptors).astype(np.float16)
+        if desc.ndim != 2 or len(desc) != len(subset):
+            raise ValueError(f"descriptors must be ({len(subset)}, D), got {desc.shape}")
+        self.subset, self.descriptors = subset, desc
+        self._sampler = HardNegativeSampler(
+            _point_ids(len(subset)), np.repeat(desc.astype(np.float32), 2, axis=0),
+            self.batch_size, 0, group_size=self.group_size, seed=self.seed)
+
+    def batch_points(self, rng: np.random.Generator, step: int) -> np.ndarray:
+        if self._sampler is None or self.subset is None:
+            raise RuntimeError("hard-negative batches need descriptors: call "
+                               "MixedBatches.mine first")
+        return self.subset[self._sampler.batch_points(rng, step)]
+
 
 class MixedBatches:
     """Batches from several pools with mixing weights.
 
-    Batch ``step`` is a pure function of ``(seed, step)``: its pool is drawn with probability
-    proportional to the weights and its points by that pool's :class:`SameImageSampler`, so a
-    resumed run sees the same batches, and ``rank``/``world_size`` can take a slice of each
+    Batch ``step`` is a pure function of ``(seed, step)`` (and, for ``hard-negative``, of the
+    descriptors of the last :meth:`mine`): its pool is drawn with probability proportional to
+    the weights and its points by that pool's sampler (``sampler``, one of :data:`SAMPLERS`),
+    so a resumed run sees the same batches, and ``rank``/``world_size`` take a slice of each
     batch (rows ``rank::world_size``) for data-parallel training.
+
+    Samplers: ``same-image`` (:class:`SameImageSampler`, ``images_per_batch`` photos per
+    batch), ``random`` (:class:`~descmatch.train.samplers.HardNetSampler`), ``progressive``
+    (:class:`~descmatch.train.samplers.ProgressiveSampler`, ``p1_fraction`` of a batch walks
+    the pool in a shuffled sequence, a new one each pass, the rest is random) and
+    ``hard-negative`` (:class:`MinedSampler`, ``mine_points`` and ``mine_group``): its batches
+    need :meth:`mine` with the current net whenever :meth:`needs_mining` (every
+    ``mine_every`` steps); :meth:`mining_state` / :meth:`load_mining_state` carry what was mined
+    through a checkpoint.
 
     Shape: ``batch(step)`` -> (batch_size,2,P,P) uint8, and the index of the pool used.
     """
 
     def __init__(self, pools: Sequence[PairPool], weights: Sequence[float], batch_size: int,
                  images_per_batch: int = 4, seed: int = 0, rank: int = 0,
-                 world_size: int = 1) -> None:
+                 world_size: int = 1, *, sampler: str = "same-image", p1_fraction: float = 0.5,
+                 mine_every: int = 1000, mine_points: int = 32768,
+                 mine_group: int | None = 64) -> None:
         if not pools or len(pools) != len(weights):
             raise ConfigError("give one weight per data source")
         w = np.asarray(weights, np.float64)
@@ -555,21 +646,111 @@ class MixedBatches:
         sizes = {p.patch_size for p in pools}
         if len(sizes) != 1:
             raise ConfigError(f"data sources have different patch sizes: {sorted(sizes)}")
+        if sampler not in SAMPLERS:
+            raise ConfigError(f"unknown sampler {sampler!r}; valid: {', '.join(SAMPLERS)}")
+        if not 0.0 < p1_fraction <= 1.0:
+            raise ConfigError(f"p1_fraction must be in (0, 1], got {p1_fraction}")
+        if mine_every < 1 or mine_points < 2:
+            raise ConfigError("mine_every must be >= 1 and mine_points >= 2")
         self.pools = list(pools)
         self.weights = w / w.sum()
-        self.samplers = [SameImageSampler(p.group_offsets, p.num_points, batch_size,
-                                          images_per_batch) for p in pools]
+        self.sampler = sampler
         self.batch_size = batch_size
         self.seed = int(seed)
         self.rank, self.world_size = int(rank), int(world_size)
+        self.mine_every = int(mine_every)
+        self.mined_round: int | None = None
+        self.samplers: list[Any] = []
+        for k, p in enumerate(self.pools):
+            if sampler == "same-image":
+                self.samplers.append(SameImageSampler(p.group_offsets, p.num_points, batch_size,
+                                                      images_per_batch))
+                continue
+            if not 2 <= batch_size <= p.num_points:
+                raise ConfigError(f"batch size {batch_size} must be within 2..{p.num_points} "
+                                  f"(the number of training points of {p.name})")
+            sub = _sub_seed(self.seed, k, 43)
+            if sampler == "random":
+                self.samplers.append(HardNetSampler(_point_ids(p.num_points), batch_size, 0,
+                                                    seed=sub))
+            elif sampler == "progressive":
+                self.samplers.append(ProgressiveSampler(_point_ids(p.num_points), batch_size,
+                                                        None, p1_fraction, seed=sub))
+            else:
+                self.samplers.append(MinedSampler(p.num_points, batch_size, mine_points,
+                                                  mine_group, sub))
 
     def batch(self, step: int) -> tuple[np.ndarray, int]:
         rng = np.random.default_rng([self.seed, int(step), 17])
         k = int(rng.choice(len(self.pools), p=self.weights)) if len(self.pools) > 1 else 0
-        pts = self.samplers[k].points(rng)
+        sampler = self.samplers[k]
+        if isinstance(sampler, SameImageSampler):
+            pts = sampler.points(rng)
+        else:
+            if self.needs_mining(step):
+                raise RuntimeError(f"batch {step}: mine round {step // self.mine_every} first")
+            pts = sampler.batch_points(rng, int(step))
         if self.world_size > 1:
             pts = pts[self.rank::self.world_size]
         return self.pools[k].gather(pts, rng), k
+
+    # Hard-negative mining.
+
+    @property
+    def mines(self) -> bool:
+        """Whether the batches need descriptors (the ``hard-negative`` sampler)."""
+        return self.sampler == "hard-negative"
+
+    def needs_mining(self, step: int) -> bool:
+        """Whether batch ``step`` needs a :meth:`mine` first (a new round of ``mine_every``
+        steps)."""
+        return self.mines and self.mined_round != int(step) // self.mine_every
+
+    def mine(self, step: int, describe: Callable[[np.ndarray], np.ndarray]) -> None:
+        """Describe a new random subset of every pool in use with ``describe`` (the current
+        net: (N,P,P) uint8 patches -> (N,D) descriptors) for the round of batch ``step``. The
+        subsets and patches are a pure function of ``(seed, round)``."""
+        r = int(step) // self.mine_every
+        for k, (pool, sampler) in enumerate(zip(self.pools, self.samplers, strict=True)):
+            if self.weights[k] <= 0:
+                continue
+            rng = np.random.default_rng([self.seed, r, k, 37])
+            subset = sampler.draw_subset(rng)
+            patches = np.ascontiguousarray(pool.gather(subset, rng)[:, 0])
+            sampler.set_descriptors(subset, describe(patches))
+        self.mined_round = r
+
+    def mining_state(self) -> dict[str, Any] | None:
+        """What was mined (the round; per pool its subset and float16 descriptors) as tensors,
+        for a checkpoint; None when nothing is mined."""
+        if not self.mines or self.mined_round is None:
+            return None
+        import torch
+
+        pools: list[dict[str, Any] | None] = []
+        for s in self.samplers:
+            if s.subset is None:
+                pools.append(None)
+            else:
+                pools.append({"subset": torch.from_numpy(s.subset.copy()),
+                              "descriptors": torch.from_numpy(s.descriptors.copy())})
+        return {"round": int(self.mined_round), "mine_every": self.mine_every, "pools": pools}
+
+    def load_mining_state(self, state: dict[str, Any] | None) -> None:
+        """Restore :meth:`mining_state` (nothing when it does not fit these settings: the next
+        batch then mines again)."""
+        if (not self.mines or not state or int(state.get("mine_every", -1)) != self.mine_every
+                or len(state.get("pools", [])) != len(self.samplers)):
+            return
+        for s, st in zip(self.samplers, state["pools"], strict=True):
+            if st is not None:
+                subset = st["subset"].numpy()
+                if len(subset) != s.subset_size or subset.max(initial=0) >= s.num_points:
+                    return
+        for s, st in zip(self.samplers, state["pools"], strict=True):
+            if st is not None:
+                s.set_descriptors(st["subset"].numpy(), st["descriptors"].numpy())
+        self.mined_round = int(state["round"])
 
 
 def build_photo_pool_for(photo_dir: str | Path, cache_root: str | Path, patch_size: int,

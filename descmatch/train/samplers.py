@@ -68,6 +68,12 @@ class _PairSampler:
     def _batch_points(self, rng: np.random.Generator, batch: int) -> np.ndarray:
         raise NotImplementedError
 
+    def batch_points(self, rng: np.random.Generator, batch: int) -> np.ndarray:
+        """The points of batch ``batch`` (indices into :attr:`point_ids_used`), drawn from
+        ``rng``: what iterating yields pairs of, for callers that gather the pairs themselves
+        (the training loop's pools). Shape: -> (batch_size,) int64, all distinct."""
+        return np.asarray(self._batch_points(rng, int(batch)), np.int64)
+
     def __len__(self) -> int:
         return self.num_batches
 
@@ -120,8 +126,33 @@ class ProgressiveSampler(_PairSampler):
         super().__init__(point_ids, batch_size, 0 if num_batches is None else num_batches, seed)
         self.p1 = min(self.batch_size, max(1, int(round(p1_fraction * self.batch_size))))
         self.p2 = self.batch_size - self.p1
+        #: Batches in one pass over the sequence.
+        self.batches_per_pass = -(-self.num_points // self.p1)
         if num_batches is None:
-            self.num_batches = -(-self.num_points // self.p1)
+            self.num_batches = self.batches_per_pass
+        self._sequences: dict[int, np.ndarray] = {}
+
+    def sequence(self, epoch: int) -> np.ndarray:
+        """The shuffled sequence of pass ``epoch`` (the one iterating after ``set_epoch(epoch)``
+        walks). Shape: -> (num_points,) int64."""
+        seq = self._sequences.get(int(epoch))
+        if seq is None:
+            seq = np.random.default_rng([self.seed, int(epoch)]).permutation(self.num_points)
+            self._sequences = {int(epoch): seq}  # one pass at a time is enough
+        return seq
+
+    def _batch_points(self, rng: np.random.Generator, batch: int) -> np.ndarray:
+        """Batch ``batch`` of an endless run of passes: pass ``batch // batches_per_pass``
+        walks its own shuffled sequence (:meth:`sequence`), ``p1`` points per batch (the last
+        batch of a pass wraps around to its start), and ``p2`` random other points are drawn
+        from ``rng``."""
+        epoch, b = divmod(int(batch), self.batches_per_pass)
+        n = self.num_points
+        positions = b * self.p1 + np.arange(self.p1)
+        if self.p2:
+            rest = rng.choice(n - self.p1, size=self.p2, replace=False)
+            positions = np.concatenate([positions, b * self.p1 + self.p1 + rest])
+        return self.sequence(epoch)[positions % n]
 
     def __iter__(self) -> Iterator[np.ndarray]:
         rng = self._rng()
