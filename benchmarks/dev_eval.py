@@ -18,7 +18,6 @@ import argparse
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from descmatch.describe import SiftDescriber

@@ -547,6 +547,214 @@ def examples_cmd(
          "pixels to view-i pixels)")
 
 
+# -- structure from motion ------------------------------------------------------------------
+class CameraMode(str, Enum):
+    single = "single"
+    per_image = "per-image"
+
+
+def _is_features_file(spec: str) -> bool:
+    p = Path(spec)
+    return p.is_file() and p.suffix.lower() in (".h5", ".hdf5")
+
+
+@app.command("pairs")
+def pairs_cmd(
+    source: Annotated[str, typer.Argument(help="features.h5 (needed for --retrieval and "
+                      "--loop-closure), or images: folder, glob, image list.")],
+    output: Annotated[Path, typer.Argument(help="Pairs file to write ('name0 name1' lines).")],
+    exhaustive: Annotated[bool, typer.Option("--exhaustive", help="Every image with every "
+                          "other (the default).")] = False,
+    sequential: Annotated[int | None, typer.Option("--sequential", min=1, help="Each image "
+                          "with its next K in name order.")] = None,
+    loop_closure: Annotated[int, typer.Option("--loop-closure", min=0, help="With "
+                            "--sequential: add the N most similar images outside the "
+                            "window per image (retrieval).")] = 0,
+    retrieval: Annotated[int | None, typer.Option("--retrieval", min=1, help="Each image "
+                         "with its K most similar others (VLAD of its descriptors).")] = None,
+    words: Annotated[int, typer.Option("--words", min=1, help="Retrieval: k-means codebook "
+                     "size, learned on the collection.")] = 64,
+    seed: Annotated[int, typer.Option("--seed", help="Retrieval: codebook seed.")] = 0,
+) -> None:
+    """Choose the image pairs to match: exhaustive, sequential (with retrieval loop closure)
+    or by image retrieval (VLAD over a k-means codebook of the collection's own descriptors).
+    """
+    from .h5 import Reader
+    from .images import list_images
+    from .pairs import exhaustive as all_pairs
+    from .pairs import retrieval as retrieval_pairs
+    from .pairs import sequential_with_loops, write_pairs
+
+    chosen = sum([exhaustive, sequential is not None, retrieval is not None])
+    if chosen > 1:
+        raise InputError("choose one of --exhaustive, --sequential K, --retrieval K")
+    if loop_closure and sequential is None:
+        raise InputError("--loop-closure goes with --sequential K")
+    features = source if _is_features_file(source) else None
+    if features is not None:
+        with Reader(features, "features") as r:
+            names = sorted(r.keys)
+    else:
+        names = list_images(source).names
+    needs = "--retrieval" if retrieval is not None else "--loop-closure" if loop_closure else ""
+    if needs and features is None:
+        raise InputError(f"{source}: {needs} needs a features.h5 with descriptors (descmatch "
+                         "extract IMAGES features.h5)")
+    if retrieval is not None:
+        assert features is not None
+        pairs = retrieval_pairs(features, retrieval, names, words=words, seed=seed)
+        how = f"retrieval, {retrieval} per image"
+    elif sequential is not None:
+        pairs = sequential_with_loops(names, sequential, loop_closure, features, seed)
+        how = f"sequential {sequential}" + (f" + {loop_closure} loop closures per image"
+                                            if loop_closure else "")
+    else:
+        pairs = all_pairs(names)
+        how = "exhaustive"
+    write_pairs(output, pairs)
+    _say(f"{output}: {len(pairs)} pairs of {len(names)} images ({how})")
+
+
+export_app = typer.Typer(help="Export features and matches to other tools.",
+                         no_args_is_help=True)
+app.add_typer(export_app, name="export")
+
+
+@export_app.command("colmap")
+def export_colmap_cmd(
+    features: Annotated[Path, typer.Argument(help="features.h5 (descmatch extract).")],
+    matches: Annotated[Path, typer.Argument(help="matches.h5 (descmatch match).")],
+    images: Annotated[str, typer.Argument(help="The images: folder, glob or list, as given "
+                                          "to extract.")],
+    database: Annotated[Path, typer.Argument(help="COLMAP database to create.")],
+    camera_mode: Annotated[CameraMode, typer.Option("--camera-mode", help="One camera for "
+                           "all images, or one per image.")] = CameraMode.single,
+    descriptors: Annotated[bool, typer.Option("--descriptors", help="Also write descriptors "
+                           "(128-D only, as uint8), so COLMAP can match them itself.")] = False,
+    verify: Annotated[bool, typer.Option("--verify/--no-verify", help="COLMAP's geometric "
+                      "verification (RANSAC); --no-verify takes all matches as "
+                      "inliers.")] = True,
+    pairs: Annotated[Path | None, typer.Option("--pairs", help="Only these pairs (default: "
+                     "every pair in MATCHES between the images).")] = None,
+    threads: Annotated[int, typer.Option("--threads", help="COLMAP threads (-1: all "
+                       "cores).")] = -1,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing "
+                         "database.")] = False,
+) -> None:
+    """Write cameras (SIMPLE_RADIAL), images, keypoints (+0.5 px), matches and two-view
+    geometries into a new COLMAP database (needs pycolmap: pip install 'descmatch\\[sfm]')."""
+    from .export.colmap import export_colmap, require_pycolmap
+    from .images import list_images
+    from .pairs import read_pairs
+
+    require_pycolmap()
+    imgs = list_images(images)
+    pair_list = read_pairs(pairs, set(imgs.names)) if pairs is not None else None
+    with _progress("export colmap") as cb:
+        res = export_colmap(features, matches, imgs, database, camera_mode.value, descriptors,
+                            verify, overwrite, num_threads=threads, pairs=pair_list,
+                            progress=cb,
+                            colmap_log=logging.getLogger().level <= logging.DEBUG)
+    skipped = f"; {res.skipped_pairs} pairs outside the images skipped" \
+        if res.skipped_pairs else ""
+    _say(f"{database}: {res.images} images, {res.cameras} camera(s), {res.pairs} pairs "
+         f"({res.matches:,} matches), {res.verified_pairs} pairs with a two-view geometry "
+         f"({res.inlier_matches:,} inliers{', not verified' if not verify else ''}) in "
+         f"{res.seconds:.1f} s{skipped}")
+
+
+@contextmanager
+def _stage_progress() -> Iterator[Callable[[str, int, int, str], None]]:
+    if _state["quiet"]:
+        yield lambda stage, i, n, name: None
+        return
+    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TimeElapsedColumn(), TextColumn("{task.fields[name]}"), console=err,
+                   transient=True)
+    task = bar.add_task("sfm", total=None, name="")
+    with bar:
+        def update(stage: str, i: int, n: int, name: str) -> None:
+            bar.update(task, description=stage, completed=i, total=n, name=name[-40:])
+        yield update
+
+
+@app.command("sfm")
+def sfm_cmd(
+    images: Annotated[str, typer.Argument(help="Folder (recursive), glob, image list.")],
+    out_dir: Annotated[Path, typer.Argument(help="Output folder: features.h5, pairs.txt, "
+                                            "matches.h5, database.db, sparse/0.")],
+    pairs: Annotated[str, typer.Option("--pairs", help="exhaustive, sequential:K, "
+                     "sequential:K+loops:N (with retrieval loop closure), retrieval:K, or "
+                     "a pairs file.")] = "exhaustive",
+    method: MethodOpt = Method.auto,
+    weights: WeightsOpt = None,
+    device: DeviceOpt = "auto",
+    batch_size: BatchOpt = 1024,
+    max_keypoints: MaxKptsOpt = 4000,
+    resize_max: ResizeOpt = None,
+    upright: UprightOpt = False,
+    mr_size: MrOpt = None,
+    precision: PrecisionOpt = DEFAULT_PRECISION,
+    ratio: RatioOpt = DEFAULT_RATIO,
+    mutual: MutualOpt = True,
+    camera_mode: Annotated[CameraMode, typer.Option("--camera-mode", help="One camera for "
+                           "all images, or one per image.")] = CameraMode.single,
+    verify: Annotated[bool, typer.Option("--verify/--no-verify", help="COLMAP's geometric "
+                      "verification of the matches.")] = True,
+    cameras: Annotated[Path | None, typer.Option("--cameras", help="cameras.txt of the true "
+                       "cameras: report relative rotation and translation direction "
+                       "errors of the registered image pairs.")] = None,
+    threads: Annotated[int, typer.Option("--threads", help="COLMAP threads (-1: all "
+                       "cores).")] = -1,
+    min_model_size: Annotated[int, typer.Option("--min-model-size", min=2, help="Registered "
+                              "images a model needs to be kept.")] = 3,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of retrieval and COLMAP's "
+                    "RANSAC and mapping.")] = 0,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo every stage instead "
+                         "of resuming.")] = False,
+) -> None:
+    """Structure from motion: extract, pairs, match, export to a COLMAP database and
+    incremental mapping (pycolmap) into OUT_DIR/sparse/0; each stage resumes from its files.
+    Needs pycolmap: pip install 'descmatch\\[sfm]'."""
+    from .export.colmap import require_pycolmap
+    from .images import list_images
+    from .sfm import SfmConfig, Stage, run_sfm
+
+    require_pycolmap()
+    imgs = list_images(images)
+    if cameras is not None and not cameras.is_file():
+        raise InputError(f"{cameras}: no such cameras file")
+    detector, describer = _setup(method, weights, device, batch_size, max_keypoints, upright,
+                                 mr_size, precision)
+    cfg = SfmConfig(pairs=pairs, camera_mode=camera_mode.value, verify=verify,
+                    ratio=None if ratio >= 1.0 else ratio, mutual=mutual, max_side=resize_max,
+                    device=_device(device), num_threads=threads, seed=seed,
+                    min_model_size=min_model_size, overwrite=overwrite,
+                    colmap_log=logging.getLogger().level <= logging.DEBUG)
+
+    def stage_line(s: Stage) -> None:
+        _say(f"{s.name:<8} {s.seconds:7.1f} s  {'(done before) ' if s.skipped else ''}{s.note}")
+
+    with _stage_progress() as cb:
+        res = run_sfm(imgs, out_dir, detector, describer, cfg, cameras, progress=cb,
+                      on_stage=stage_line)
+    _say(f"{res.model_path}: {res.registered}/{res.images} images registered, "
+         f"{res.points3d:,} 3D points, mean track length {res.mean_track_length:.2f}, "
+         f"mean reprojection error {res.mean_reprojection_error:.3f} px"
+         + (f" ({res.models} models)" if res.models > 1 else "")
+         + f"; {res.seconds:.1f} s in all")
+    if res.unregistered:
+        _say(f"not registered: {', '.join(res.unregistered[:10])}"
+             + (f" and {len(res.unregistered) - 10} more" if len(res.unregistered) > 10 else ""))
+    pe = res.pose_errors
+    if pe is not None:
+        _say(f"relative pose errors vs {cameras} ({pe.pairs} pairs of {pe.registered}/"
+             f"{pe.cameras} cameras): rotation median {pe.rotation_median:.3f} deg, mean "
+             f"{pe.rotation_mean:.3f} deg; translation direction median "
+             f"{pe.translation_median:.3f} deg, mean {pe.translation_mean:.3f} deg; "
+             f"{100 * pe.within_5deg:.0f}% of pairs within 5 deg")
+
+
 def _sigterm(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 

@@ -61,7 +61,7 @@ class SiftDescriber:
 
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-DEFAULT_PRECISION = "fp32"
+DEFAULT_PRECISION = "auto"
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -123,7 +123,8 @@ class NetDescriber:
                    for i in range(0, patches.shape[0], self.batch_size)]
         if not out:
             return torch.zeros((0, self.dim), device=self.device)
-        return torch.cat(out).float()
+        # Reduced precision rounds the net's own L2 normalisation: redo it in float32.
+        return torch.nn.functional.normalize(torch.cat(out).float(), dim=1)
 
     def __call__(self, image: np.ndarray, kps: Keypoints) -> np.ndarray:
         if len(kps) == 0:

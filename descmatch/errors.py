@@ -43,3 +43,13 @@ class ConfigError(DescmatchError):
 
 class TrainingError(DescmatchError):
     """Training went wrong (a non-finite loss)."""
+
+
+class MissingDependencyError(DescmatchError):
+    """An optional dependency that a command needs is not installed (e.g. pycolmap)."""
+
+
+class ReconstructionError(DescmatchError):
+    """Structure from motion registered no model (too few matches, unrelated images)."""
+
+    exit_code = 5

@@ -169,3 +169,82 @@ def evaluate_epipolar(scene: str | Path, describer: Any, detector: Any,
         err = epipolar_distance(f, k0.xy[i0], k1.xy[m_np[i0]])
         rows.append(EpipolarRow(scene.name, f"{a}-{b}", len(i0), int((err < threshold).sum())))
     return rows
+
+
+@dataclass
+class PoseError:
+    """Relative pose error of one image pair: the angle of the rotation between the
+    estimated and the true relative rotation, and the angle between the estimated and the
+    true relative translation directions (degrees)."""
+
+    pair: str
+    rotation_deg: float
+    translation_deg: float
+
+
+def _rotation_angle_deg(r: np.ndarray) -> float:
+    """Angle of a rotation matrix, accurate near 0 (atan2 of the sine and cosine parts)."""
+    sin = 0.5 * np.linalg.norm([r[2, 1] - r[1, 2], r[0, 2] - r[2, 0], r[1, 0] - r[0, 1]])
+    cos = 0.5 * (np.trace(r) - 1.0)
+    return float(np.degrees(np.arctan2(sin, cos)))
+
+
+def _vector_angle_deg(a: np.ndarray, b: np.ndarray) -> float:
+    """Angle between two vectors (nan for a zero vector), accurate near 0."""
+    if np.linalg.norm(a) == 0 or np.linalg.norm(b) == 0:
+        return float("nan")
+    return float(np.degrees(np.arctan2(np.linalg.norm(np.cross(a, b)), float(a @ b))))
+
+
+def relative_pose_errors(estimated: dict[str, tuple[np.ndarray, np.ndarray]],
+                         truth: dict[str, tuple[np.ndarray, np.ndarray]]) -> list[PoseError]:
+    """Relative pose errors of all pairs of images that have both an estimated and a true
+    pose, each pose a world-to-camera ``(R, t)`` (``x_cam = R X + t``). Independent of the
+    reconstruction's frame and scale: the relative pose of cameras i, j is
+    ``R_ij = R_j R_i^T``, ``t_ij = t_j - R_ij t_i``, and its translation is compared by
+    direction only. Shape: R (3,3), t (3,)."""
+    names = sorted(n for n in estimated if n in truth)
+    out = []
+    for k, a in enumerate(names):
+        for b in names[k + 1:]:
+            rel = []
+            for poses in (estimated, truth):
+                (ra, ta), (rb, tb) = poses[a], poses[b]
+                ra, rb = np.asarray(ra, np.float64), np.asarray(rb, np.float64)
+                r = rb @ ra.T
+                t = np.asarray(tb, np.float64) - r @ np.asarray(ta, np.float64)
+                rel.append((r, t))
+            (re, te), (rt, tt) = rel
+            out.append(PoseError(f"{a}-{b}", _rotation_angle_deg(re.T @ rt),
+                                 _vector_angle_deg(te, tt)))
+    return out
+
+
+@dataclass
+class PoseErrorSummary:
+    """Median and mean relative pose errors over image pairs (degrees), and the share of
+    pairs whose rotation and translation errors are both under 5 degrees."""
+
+    pairs: int
+    cameras: int  # cameras with a true pose
+    registered: int  # of those, cameras with an estimated pose
+    rotation_median: float
+    rotation_mean: float
+    translation_median: float
+    translation_mean: float
+    within_5deg: float
+    rows: list[PoseError]
+
+
+def summarize_pose_errors(errors: list[PoseError], cameras: int = 0,
+                          registered: int = 0) -> PoseErrorSummary:
+    """Summarise ``relative_pose_errors``; ``cameras``: how many true poses there are,
+    ``registered``: how many of them were estimated."""
+    r = np.array([e.rotation_deg for e in errors], np.float64)
+    t = np.array([e.translation_deg for e in errors], np.float64)
+    if not len(r):
+        nan = float("nan")
+        return PoseErrorSummary(0, cameras, registered, nan, nan, nan, nan, 0.0, errors)
+    ok = float(np.mean((r < 5) & (t < 5)))
+    return PoseErrorSummary(len(r), cameras, registered, float(np.median(r)), float(r.mean()),
+                            float(np.nanmedian(t)), float(np.nanmean(t)), ok, errors)

@@ -70,3 +70,106 @@ def write_pairs(path: str | Path, pairs: list[tuple[str, str]]) -> Path:
     except OSError as e:
         raise OutputError(f"{path}: cannot write ({e.strerror})") from None
     return path
+
+
+def unique_pairs(pairs: list[tuple[str, str]], order: list[str] | None = None
+                 ) -> list[tuple[str, str]]:
+    """Drop self pairs and repeats in either order; with ``order`` (image names), each pair
+    is written in that order and the list sorted by it."""
+    if order is None:
+        seen: set[tuple[str, str]] = set()
+        out = []
+        for a, b in pairs:
+            if a != b and (a, b) not in seen and (b, a) not in seen:
+                seen.add((a, b))
+                out.append((a, b))
+        return out
+    rank = {n: i for i, n in enumerate(order)}
+    idx = {(min(rank[a], rank[b]), max(rank[a], rank[b])) for a, b in pairs if a != b}
+    return [(order[i], order[j]) for i, j in sorted(idx)]
+
+
+def retrieval(features: str | Path, k: int, names: list[str] | None = None,
+              words: int | None = None, seed: int = 0) -> list[tuple[str, str]]:
+    """Each image with its ``k`` most similar others by VLAD similarity of its local
+    descriptors in ``features`` (see descmatch.retrieval); deduplicated, no self pairs."""
+    from .retrieval import DEFAULT_WORDS, global_descriptors, nearest
+
+    if k < 1:
+        raise InputError(f"retrieval:{k}: the number of neighbours must be at least 1")
+    g = global_descriptors(features, names, words or DEFAULT_WORDS, seed=seed)
+    near = nearest(g.similarity(), k)
+    return unique_pairs([(g.names[i], g.names[j]) for i, row in enumerate(near) for j in row],
+                        g.names)
+
+
+def sequential_with_loops(names: list[str], k: int, loop_closure: int,
+                          features: str | Path | None = None, seed: int = 0
+                          ) -> list[tuple[str, str]]:
+    """``sequential(names, k)`` plus, per image, its ``loop_closure`` most similar images
+    outside its sequential window (retrieval on ``features``): loops back to places seen
+    before in a video or an ordered capture."""
+    import torch
+
+    from .retrieval import global_descriptors, nearest
+
+    pairs = sequential(names, k)
+    if loop_closure <= 0:
+        return pairs
+    if features is None:
+        raise InputError("loop closure needs descriptors: pass a features.h5")
+    g = global_descriptors(features, names, seed=seed)
+    n = len(names)
+    i = torch.arange(n)
+    window = (i[:, None] - i[None, :]).abs() <= k
+    near = nearest(g.similarity(), loop_closure, exclude=window)
+    extra = [(names[a], names[b]) for a, row in enumerate(near) for b in row]
+    return unique_pairs(pairs + extra, names)
+
+
+def pairs_for(spec: str, names: list[str], features: str | Path | None = None,
+              seed: int = 0) -> list[tuple[str, str]]:
+    """``pairs_from_spec`` plus ``retrieval:K`` (and ``sequential:K+loops:N``) on the
+    descriptors of ``features``."""
+    if spec.startswith("retrieval"):
+        _, _, k = spec.partition(":")
+        try:
+            kk = int(k) if k else 10
+        except ValueError:
+            raise InputError(f"{spec}: expected retrieval:K with an integer K") from None
+        if features is None:
+            raise InputError(f"{spec}: retrieval needs a features.h5 with descriptors")
+        return retrieval(features, kk, names, seed=seed)
+    if spec.startswith("sequential") and "+loops:" in spec:
+        head, _, loops = spec.partition("+loops:")
+        _, _, k = head.partition(":")
+        try:
+            kk, nn = int(k) if k else 5, int(loops)
+        except ValueError:
+            raise InputError(f"{spec}: expected sequential:K+loops:N with integers") from None
+        return sequential_with_loops(names, kk, nn, features, seed)
+    return pairs_from_spec(spec, names)
+
+
+def write_pairs_commented(path: str | Path, pairs: list[tuple[str, str]], comment: str
+                          ) -> Path:
+    """``write_pairs`` with a first ``# comment`` line (readers skip it): records how the
+    pairs were made, so a pipeline can tell whether they are still the ones it wants."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(f"# {comment}\n" + "".join(f"{a} {b}\n" for a, b in pairs))
+        os.replace(tmp, path)
+    except OSError as e:
+        raise OutputError(f"{path}: cannot write ({e.strerror})") from None
+    return path
+
+
+def pairs_comment(path: str | Path) -> str | None:
+    """The first ``# comment`` line of a pairs file (without '# '), or None."""
+    try:
+        with open(path) as fh:
+            first = fh.readline()
+    except OSError:
+        return None
+    return first[1:].strip() if first.startswith("#") else None

@@ -235,7 +235,7 @@ def test_checkpoint_loads_and_extracts(hardnet_ckpt: Path, scene_dir: Path,
                                        tmp_path: Path) -> None:
     loaded = load_net("hardnet", hardnet_ckpt)
     assert not loaded.net.training and loaded.meta == {"data": "test", "steps": 0}
-    describer = build_describer("hardnet", weights=str(hardnet_ckpt))
+    describer = build_describer("hardnet", weights=str(hardnet_ckpt), precision="fp32")
     assert isinstance(describer, NetDescriber)
     assert describer.dim == 128
     out = tmp_path / "f.h5"
@@ -345,3 +345,16 @@ def test_extract_a_few_images_quickly(tmp_path: Path) -> None:
                       progress=lambda i, n, name: seen.append((i, n, name)))
     assert res.images == 8  # type: ignore[attr-defined]
     assert seen == [(i + 1, 8, f"img{i}.png") for i in range(8)]
+
+
+def test_reduced_precision_stays_close_to_fp32(hardnet_ckpt: Path) -> None:
+    """bf16 (where the CPU has it) gives unit descriptors within rounding of the fp32 ones."""
+    from descmatch.examples import render_scene
+
+    img = render_scene(320, 240, seed=3).astype(np.float32) / 255.0
+    kps = SiftDetector(max_keypoints=200)(img)
+    ref = build_describer("hardnet", weights=str(hardnet_ckpt), precision="fp32")(img, kps)
+    low = build_describer("hardnet", weights=str(hardnet_ckpt), precision="bf16")(img, kps)
+    np.testing.assert_allclose(np.linalg.norm(low, axis=1), 1.0, atol=1e-5)
+    cos = (ref * low).sum(1)
+    assert cos.min() > 0.98 and cos.mean() > 0.995
