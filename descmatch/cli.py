@@ -225,8 +225,9 @@ def _looks_like_image(p: str) -> bool:
 def match_cmd(
     first: Annotated[str, typer.Argument(help="features.h5, or the first image.")],
     second: Annotated[str, typer.Argument(help="matches.h5 to write, or the second image.")],
-    pairs: Annotated[str, typer.Option("--pairs", help="exhaustive, sequential:K, or a "
-                                       "pairs file (one 'name0 name1' per line).")] = "exhaustive",
+    pairs: Annotated[str, typer.Option("--pairs", help="exhaustive, sequential:K, "
+                                       "retrieval:K, or a pairs file (one 'name0 name1' per "
+                                       "line).")] = "exhaustive",
     pairs_out: Annotated[Path | None, typer.Option("--pairs-out", help="Where to write the "
                          "pairs matched (default: OUT's name + -pairs.txt).")] = None,
     ratio: RatioOpt = DEFAULT_RATIO,
@@ -259,13 +260,13 @@ def match_cmd(
         return
     from .h5 import Reader
     from .match import match
-    from .pairs import pairs_from_spec
+    from .pairs import pairs_for
 
     if viz is not None:
         raise DescmatchError("--viz applies to two-image mode (descmatch match A.jpg B.jpg)")
     with Reader(first, "features") as r:
         names = sorted(r.keys)
-    pair_list = pairs_from_spec(pairs, names)
+    pair_list = pairs_for(pairs, names, first)
     with _progress("match") as cb:
         res = match(first, pair_list, second, ratio_v, mutual, _device(device), overwrite,
                     pairs_out, progress=cb)
