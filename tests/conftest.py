@@ -29,12 +29,12 @@ EXAMPLE_KEYPOINTS = 1000
 SMALL_KEYPOINTS = 200
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def no_weights(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
                ) -> Path:
-    """Independence from the weights that ship: DESCMATCH_WEIGHTS points to an empty folder,
-    so ``auto`` is RootSIFT and every learned net is "without weights" (subprocesses
-    inherit it). Returns that folder."""
+    """Independence from the weights that ship, for every test: DESCMATCH_WEIGHTS points to
+    an empty folder, so ``auto`` is RootSIFT and every learned net is "without weights"
+    (subprocesses inherit it). tests/test_shipped_weights.py lifts it. Returns that folder."""
     empty = tmp_path_factory.getbasetemp() / "no-weights"
     empty.mkdir(exist_ok=True)
     monkeypatch.setenv("DESCMATCH_WEIGHTS", str(empty))
