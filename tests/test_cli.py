@@ -80,7 +80,7 @@ def _error_line(stderr: str) -> str:
 # -- help and defaults -----------------------------------------------------------------------
 @pytest.mark.parametrize("command,expected", [
     ("detect", ["--max-keypoints", "4000", "--resize-max", "--upright"]),
-    ("extract", ["--method", "rootsift", "hardnet", "4000", "1024", "--weights", "--half",
+    ("extract", ["--method", "rootsift", "hardnet", "4000", "256", "2048", "--weights", "--half",
                  f"{DEFAULT_MR_SIZE:g}"]),
     ("match", ["--ratio", f"{DEFAULT_RATIO:g}", "4000", "exhaustive", "sequential:K",
                "--viz", "fundamental"]),
