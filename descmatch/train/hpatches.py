@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from ..detect import Keypoints, SiftDetector
-from ..errors import ConfigError, ImageReadError, InputError, OutputError
+from ..errors import ConfigError, ImageReadError, InputError
 from ..evaluate import _sequence_images, read_homography
 from ..images import is_image, read_image
 from ..patches import DEFAULT_MR_SIZE, build_pyramid, extract_patches
@@ -53,13 +53,12 @@ from .photos import (
 )
 from .pool import (
     META_FILE,
-    PARTS_DIR,
     POOL_FORMAT,
     POOL_VERSION,
     _atomic_save_npy,
     _atomic_write_text,
     assemble_parts,
-    is_pool,
+    start_pool_build,
 )
 
 log = logging.getLogger(__name__)
@@ -218,22 +217,9 @@ def build_hpatches_pool(
         "patch_size": patch_size, "mr_size": mr_size, "window_factor": window_factor,
         "seed": seed, "photo_conf": asdict(conf),
     }
-    settings = json.loads(json.dumps(settings))
-    if is_pool(out):
-        meta = json.loads((out / META_FILE).read_text())
-        if {k: meta.get(k) for k in settings} != settings:
-            raise OutputError(f"{out}: a pool with other settings is already there; remove it "
-                              "or choose another folder")
+    settings, parts = start_pool_build(out, settings)
+    if parts is None:
         return out
-    parts = out / PARTS_DIR
-    parts.mkdir(parents=True, exist_ok=True)
-    settings_file = parts / "settings.json"
-    if settings_file.is_file():
-        if json.loads(settings_file.read_text()) != settings:
-            raise OutputError(f"{out}: holds an unfinished pool with other settings; remove it "
-                              "or choose another folder")
-    else:
-        _atomic_write_text(settings_file, json.dumps(settings, indent=1))
 
     t0 = time.perf_counter()
     det = SiftDetector(max_keypoints=conf.max_keypoints)

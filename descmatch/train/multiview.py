@@ -67,12 +67,20 @@ import torch
 from ..cameras import Camera, epipolar_distance, fundamental_matrix, read_cameras
 from ..describe import SiftDescriber
 from ..detect import Keypoints, SiftDetector
-from ..errors import ConfigError, InputError, OutputError
+from ..errors import ConfigError, InputError
 from ..images import read_image, resize_max
 from ..match import match_descriptors
 from ..patches import DEFAULT_MR_SIZE, build_pyramid, extract_patches
 from .photos import _inside, _window_corners
-from .pool import META_FILE, PAIRS_FILE, POOL_FORMAT, POOL_VERSION, PairPool, is_pool
+from .pool import (
+    META_FILE,
+    PAIRS_FILE,
+    POOL_FORMAT,
+    POOL_VERSION,
+    PairPool,
+    is_pool,
+    start_pool_build,
+)
 
 log = logging.getLogger(__name__)
 
@@ -554,22 +562,9 @@ def build_multiview_pool(
         "reproj_px": reproj_px, "min_track": min_track,
         "max_points_per_image": max_points_per_image, "seed": seed,
     }
-    settings = json.loads(json.dumps(settings))
-    if is_pool(out):
-        meta = json.loads((out / META_FILE).read_text())
-        if {k: meta.get(k) for k in settings} != settings:
-            raise OutputError(f"{out}: a pool with other settings is already there; remove it "
-                              "or choose another folder")
+    settings, parts = start_pool_build(out, settings)
+    if parts is None:
         return out
-    parts = out / PARTS_DIR
-    parts.mkdir(parents=True, exist_ok=True)
-    settings_file = parts / "settings.json"
-    if settings_file.is_file():
-        if json.loads(settings_file.read_text()) != settings:
-            raise OutputError(f"{out}: holds an unfinished pool with other settings; remove it "
-                              "or choose another folder")
-    else:
-        _atomic_write_text(settings_file, json.dumps(settings, indent=1))
 
     t0 = time.perf_counter()
     infos: list[dict[str, Any]] = []

@@ -149,6 +149,33 @@ def _select_images(photo_dirs: Sequence[str | Path], max_images: int | None,
     return items
 
 
+def start_pool_build(out: Path, settings: dict[str, Any]
+                     ) -> tuple[dict[str, Any], Path | None]:
+    """Check a pool folder against the settings of a build about to start.
+
+    Returns the settings as they read back from JSON, and the parts folder to build into, or
+    None when a finished pool with these settings is already there. A finished or unfinished
+    pool with other settings is an OutputError.
+    """
+    settings = json.loads(json.dumps(settings))  # tuples -> lists, as they read back
+    if is_pool(out):
+        meta = json.loads((out / META_FILE).read_text())
+        if {k: meta.get(k) for k in settings} != settings:
+            raise OutputError(f"{out}: a pool with other settings is already there; remove it "
+                              "or choose another folder")
+        return settings, None
+    parts = out / PARTS_DIR
+    parts.mkdir(parents=True, exist_ok=True)
+    settings_file = parts / "settings.json"
+    if settings_file.is_file():
+        if json.loads(settings_file.read_text()) != settings:
+            raise OutputError(f"{out}: holds an unfinished pool with other settings; remove it "
+                              "or choose another folder")
+    else:
+        _atomic_write_text(settings_file, json.dumps(settings, indent=1))
+    return settings, parts
+
+
 def build_pool(
     photo_dirs: Sequence[str | Path],
     out: str | Path,
@@ -189,22 +216,9 @@ def build_pool(
         "window_factor": window_factor, "seed": seed, "photo_conf": asdict(conf),
         "chunk_images": chunk_images,
     }
-    settings = json.loads(json.dumps(settings))  # tuples -> lists, as they read back
-    if is_pool(out):
-        meta = json.loads((out / META_FILE).read_text())
-        if {k: meta.get(k) for k in settings} != settings:
-            raise OutputError(f"{out}: a pool with other settings is already there; remove it "
-                              "or choose another folder")
+    settings, parts = start_pool_build(out, settings)
+    if parts is None:
         return out
-    parts = out / PARTS_DIR
-    parts.mkdir(parents=True, exist_ok=True)
-    settings_file = parts / "settings.json"
-    if settings_file.is_file():
-        if json.loads(settings_file.read_text()) != settings:
-            raise OutputError(f"{out}: holds an unfinished pool with other settings; remove it "
-                              "or choose another folder")
-    else:
-        _atomic_write_text(settings_file, json.dumps(settings, indent=1))
 
     t0 = time.perf_counter()
     chunks = [list(range(s, min(s + chunk_images, len(items))))
