@@ -7,18 +7,23 @@ file copies it first.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
+import signal
 import struct
 import subprocess
 import sys
 import zlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
+import torch
 
+from descmatch import cli
 from descmatch.describe import build_describer
 from descmatch.detect import SiftDetector
 from descmatch.examples import copy_examples, render_scene
@@ -140,3 +145,46 @@ def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = No
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "descmatch", *args], capture_output=True,
                           text=True, env=full_env, cwd=cwd, timeout=timeout)
+
+
+@pytest.fixture(autouse=True)
+def _restore_global_state() -> Iterator[None]:
+    """The CLI configures logging, the quiet flag and a SIGTERM handler: undo after each."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    sigterm = signal.getsignal(signal.SIGTERM)
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    signal.signal(signal.SIGTERM, sigterm)
+    cli._state["quiet"] = False
+
+
+MainResult = tuple[int, str, str]
+
+
+@pytest.fixture
+def call_main(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+              ) -> Callable[..., MainResult]:
+    """Run ``descmatch.cli.main()`` (the console entry point, with its error -> exit code
+    mapping) in-process: returns (exit code, stdout, stderr)."""
+    def call(*args: str) -> MainResult:
+        monkeypatch.setattr(sys, "argv", ["descmatch", *args])
+        capsys.readouterr()
+        try:
+            cli.main()
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+    return call
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """Torch on one thread for a module (request it with an autouse wrapper or usefixtures)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

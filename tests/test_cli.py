@@ -3,24 +3,23 @@ stderr with the documented exit codes (2 input, 3 output, 4 weights, 130 interru
 
 from __future__ import annotations
 
-import logging
 import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 import torch
-from conftest import run_cli, write_scenes
+from conftest import MainResult, run_cli, write_scenes
 from typer.testing import CliRunner
 
-from descmatch import __version__, cli
+from descmatch import __version__
 from descmatch.cli import app
 from descmatch.describe import build_describer
 from descmatch.detect import SiftDetector
@@ -34,40 +33,6 @@ from descmatch.patches import DEFAULT_MR_SIZE
 pytestmark = pytest.mark.usefixtures("no_weights")
 
 runner = CliRunner()
-
-
-@pytest.fixture(autouse=True)
-def _restore_global_state() -> Iterator[None]:
-    """The CLI configures logging, the quiet flag and a SIGTERM handler: undo after each."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    sigterm = signal.getsignal(signal.SIGTERM)
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
-    signal.signal(signal.SIGTERM, sigterm)
-    cli._state["quiet"] = False
-
-
-MainResult = tuple[int, str, str]
-
-
-@pytest.fixture
-def call_main(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-              ) -> Callable[..., MainResult]:
-    """Run ``descmatch.cli.main()`` (the console entry point, with its error -> exit code
-    mapping) in-process: returns (exit code, stdout, stderr)."""
-    def call(*args: str) -> MainResult:
-        monkeypatch.setattr(sys, "argv", ["descmatch", *args])
-        capsys.readouterr()
-        try:
-            cli.main()
-            code = 0
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-        captured = capsys.readouterr()
-        return code, captured.out, captured.err
-    return call
 
 
 def _error_line(stderr: str) -> str:

@@ -4,21 +4,17 @@ lengths, and its errors."""
 
 from __future__ import annotations
 
-import logging
 import shutil
-import signal
 import struct
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
-import torch
 from fixtures_sfm import HEIGHT, WIDTH, make_scene
 
-from descmatch import cli
 from descmatch.describe import build_describer
 from descmatch.detect import SiftDetector
 from descmatch.errors import InputError, OutputError
@@ -40,41 +36,7 @@ pycolmap = pytest.importorskip("pycolmap")
 VIEWS = 4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(autouse=True)
-def _restore_global_state() -> Iterator[None]:
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    sigterm = signal.getsignal(signal.SIGTERM)
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
-    signal.signal(signal.SIGTERM, sigterm)
-    cli._state["quiet"] = False
-
-
-@pytest.fixture
-def call_main(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-              ) -> Callable[..., tuple[int, str, str]]:
-    """``descmatch ARGS`` in-process through the entry point: (exit code, stdout, stderr)."""
-    def call(*args: str) -> tuple[int, str, str]:
-        monkeypatch.setattr(sys, "argv", ["descmatch", *args])
-        capsys.readouterr()
-        try:
-            cli.main()
-            code = 0
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-        cap = capsys.readouterr()
-        return code, cap.out, cap.err
-    return call
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
-import torch
 
 from descmatch.detect import SiftDetector
 from descmatch.errors import InputError
@@ -29,13 +27,7 @@ from descmatch.train.photos import PhotoPairConfig, map_keypoints
 from descmatch.train.pool import PairPool
 from descmatch.weights import load_net
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny work: one thread is as fast
 
 
 def write_sequence(folder: Path, seed: int = 3, width: int = 320, height: int = 240) -> Path:

@@ -4,7 +4,6 @@ method and loss runs, data sources mix, augmentation keeps pairs corresponding."
 from __future__ import annotations
 
 import csv
-from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
@@ -21,14 +20,7 @@ from descmatch.train.losses import LOSSES
 from descmatch.train.pool import build_pool
 from descmatch.weights import load_net
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    # Tiny steps: one thread is as fast, and does not stall when other work shares the cores.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny work: one thread is as fast
 
 
 @pytest.fixture(scope="module")

@@ -5,13 +5,11 @@ resume) and a ``multiview:`` source through the training loop."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
-import torch
 
 from descmatch.errors import InputError, OutputError
 from descmatch.examples import render_scene
@@ -37,12 +35,7 @@ TEX = 256  # texture pixels per plane side
 SIDE = 2.0  # plane side in world units
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny work: one thread is as fast
 
 
 def _look_at(center: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

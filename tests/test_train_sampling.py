@@ -5,7 +5,6 @@ and a run with each of them resumes exactly."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -17,13 +16,7 @@ from descmatch.train.loop import TrainConfig, read_log, train
 from descmatch.train.pool import MixedBatches, PairPool, SameImageSampler
 from descmatch.weights import load_net
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny work: one thread is as fast
 
 
 def make_pairs(n: int, p: int = 32, seed: int = 0) -> np.ndarray:
