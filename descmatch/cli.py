@@ -108,7 +108,11 @@ def _main(
     version: Annotated[bool, typer.Option("--version", help="Print the version.",
                                           callback=_version, is_eager=True)] = False,
 ) -> None:
-    _state["quiet"] = quiet
+    from .distributed import launch_env
+
+    env = launch_env()
+    # Under torchrun only rank 0 draws progress and prints summaries (errors still show).
+    _state["quiet"] = quiet or (env is not None and env[0] != 0)
     level = logging.ERROR if quiet else logging.DEBUG if verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(message)s", force=True,
                         handlers=[RichHandler(console=err, show_time=False, show_path=False)])

@@ -1,9 +1,11 @@
-"""Device selection: ``auto`` takes CUDA when present, else the CPU."""
+"""Device selection: ``auto`` takes CUDA when present, else the CPU. Under a multi-process
+launch (torchrun), ``auto`` and ``cuda`` mean this process's GPU, ``cuda:LOCAL_RANK``."""
 
 from __future__ import annotations
 
 import torch
 
+from .distributed import local_device
 from .errors import ConfigError
 
 
@@ -11,7 +13,7 @@ def resolve_device(spec: str | torch.device = "auto") -> torch.device:
     if isinstance(spec, torch.device):
         return spec
     if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return local_device(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     try:
         dev = torch.device(spec)
     except RuntimeError:
@@ -22,4 +24,4 @@ def resolve_device(spec: str | torch.device = "auto") -> torch.device:
         raise ConfigError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s)")
     if dev.type not in ("cpu", "cuda"):
         raise ConfigError(f"--device {spec}: expected auto, cpu, cuda or cuda:N")
-    return dev
+    return local_device(dev) if dev.index is None else dev

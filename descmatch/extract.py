@@ -18,8 +18,9 @@ import numpy as np
 
 from .describe import Describer
 from .detect import Keypoints, SiftDetector
+from .distributed import Dist, session
 from .errors import ImageReadError
-from .h5 import Writer, settings_json
+from .h5 import Shard, Writer, settings_json
 from .images import ImageList, read_image, resize_max
 
 log = logging.getLogger(__name__)
@@ -95,7 +96,9 @@ def extract(
     """Detect (and describe unless ``describer`` is None) every image into ``out``.
 
     Images already in ``out`` are skipped unless ``overwrite``. Unreadable images are
-    skipped and listed in the result; ``strict`` makes them fatal.
+    skipped and listed in the result; ``strict`` makes them fatal. Under ``torchrun`` with
+    several processes each takes every N-th image still to do and writes its own part file;
+    rank 0 merges them into ``out`` at the end, and every rank returns the run's totals.
     """
     out = Path(out)
     t0 = time.perf_counter()
@@ -110,10 +113,38 @@ def extract(
         "settings": settings_json(settings),
     }
     result = ExtractResult(out)
+    with session(getattr(describer, "device", None)) as d:
+        _extract(images, out, describer, detector, max_side, overwrite, strict, half, attrs,
+                 progress, result, d)
+        result.seconds = time.perf_counter() - t0
+        if d.active:
+            result = _combine(result, d.gather(result))
+    return result
+
+
+def _combine(mine: ExtractResult, parts: list[ExtractResult]) -> ExtractResult:
+    """The whole run's figures from every rank's (describe time: the slowest rank's)."""
+    return ExtractResult(
+        mine.path, images=sum(p.images for p in parts),
+        skipped_existing=mine.skipped_existing,
+        failed=[f for p in parts for f in p.failed],
+        keypoints=sum(p.keypoints for p in parts), seconds=mine.seconds,
+        describe_seconds=max(p.describe_seconds for p in parts))
+
+
+def _extract(images: ImageList, out: Path, describer: Describer | None, detector: SiftDetector,
+             max_side: int | None, overwrite: bool, strict: bool, half: bool,
+             attrs: dict[str, Any], progress: Progress | None, result: ExtractResult,
+             d: Dist) -> None:
     with Writer(out, "features", attrs, overwrite=overwrite,
-                must_match=("method", "descriptor_dim", "weights_sha256", "settings")) as writer:
-        todo = [n for n in images.names if n not in writer.done]
-        result.skipped_existing = len(images.names) - len(todo)
+                must_match=("method", "descriptor_dim", "weights_sha256", "settings"),
+                shard=Shard(d.rank, d.world_size, d.barrier)) as writer:
+        pending = [n for n in images.names if n not in writer.done]
+        result.skipped_existing = len(images.names) - len(pending)
+        todo = d.shard(pending)
+        if d.active:
+            log.info("rank %d of %d: %d of %d images", d.rank, d.world_size, len(todo),
+                     len(pending))
         for i, item in enumerate(_prefetch(images, todo, detector, max_side)):
             if item.error is not None:
                 if strict:
@@ -144,5 +175,3 @@ def extract(
                 result.keypoints += len(kps)
             if progress:
                 progress(i + 1, len(todo), item.name)
-    result.seconds = time.perf_counter() - t0
-    return result

@@ -26,11 +26,13 @@ the .part file, whose complete groups the next run keeps.
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
 import shutil
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +102,31 @@ def _check_attrs(path: Path, f: h5py.File, kind: str) -> dict[str, Any]:
     return {k: (v.decode() if isinstance(v, bytes) else v) for k, v in attrs.items()}
 
 
+@dataclass
+class Shard:
+    """The process's place when several write one file (``barrier`` waits for all)."""
+
+    rank: int = 0
+    world_size: int = 1
+    barrier: Callable[[], None] = field(default=lambda: None)
+
+
+def part_path(path: Path, rank: int = 0) -> Path:
+    """Where a run writes before merging: OUT.part (rank 0, or one process), OUT.rankN.part."""
+    return path.with_name(path.name + (".part" if rank == 0 else f".rank{rank}.part"))
+
+
+def leftover_parts(path: Path) -> list[Path]:
+    """Part files of OUT on disk: rank 0's first, then the other ranks' in rank order."""
+    found = [part_path(path)] if part_path(path).exists() else []
+    ranked = []
+    for p in path.parent.glob(glob.escape(path.name) + ".rank*.part"):
+        r = p.name[len(path.name) + len(".rank"):-len(".part")]
+        if r.isdigit():
+            ranked.append((int(r), p))
+    return found + [p for _, p in sorted(ranked)]
+
+
 class Writer:
     """Crash-safe, resumable writer of one features or matches file.
 
@@ -109,14 +136,16 @@ class Writer:
     """
 
     def __init__(self, path: str | Path, kind: str, attrs: Mapping[str, Any],
-                 must_match: Iterable[str] = (), overwrite: bool = False) -> None:
+                 must_match: Iterable[str] = (), overwrite: bool = False,
+                 shard: Shard | None = None) -> None:
         self.path = Path(path)
         self.kind = kind
         self.attrs = {"descmatch_schema": SCHEMA_VERSION, "descmatch_kind": kind,
                       "descmatch_version": __version__, **attrs}
         self.must_match = tuple(must_match)
         self.overwrite = overwrite
-        self.part_path = self.path.with_name(self.path.name + ".part")
+        self.shard = shard if shard is not None else Shard()
+        self.part_path = part_path(self.path, self.shard.rank)
         self.done: set[str] = set()
         self.new_keys: list[str] = []
         self._part: h5py.File | None = None
@@ -147,12 +176,32 @@ class Writer:
                 attrs = _check_attrs(self.path, f, self.kind)
                 self._check_same(self.path, attrs)
                 self._existing_keys = set(_leaf_keys(f, self.kind))
-        if self.part_path.exists():
-            if self.overwrite:
-                self.part_path.unlink()
-            else:
+        if self.overwrite:
+            if self.shard.rank == 0:
+                for p in leftover_parts(self.path):
+                    p.unlink()
+            self.shard.barrier()
+        else:
+            # Every leftover part (this rank's and those of other ranks or of an earlier run
+            # with another number of processes) is read before any is opened for writing.
+            for p in leftover_parts(self.path):
+                if p != self.part_path:
+                    self._existing_keys |= self._complete_keys(p)
+            self.shard.barrier()
+            if self.part_path.exists():
                 self._recover_part()
         self.done = set(self._existing_keys)
+
+    def _complete_keys(self, part: Path) -> set[str]:
+        """Complete entries of a leftover part file, read-only (another process owns it)."""
+        try:
+            f = h5py.File(part, "r")
+        except OSError:
+            log.warning("%s: unreadable leftover of an interrupted run, ignored", part)
+            return set()
+        with f:
+            self._check_same(part, _check_attrs(part, f, self.kind))
+            return set(_leaf_keys(f, self.kind, complete_only=True))
 
     def _recover_part(self) -> None:
         try:
@@ -200,13 +249,29 @@ class Writer:
 
     # -- finishing ---------------------------------------------------------------------------
     def close(self) -> None:
-        """Merge the new groups into the output, atomically replacing it."""
-        if self._part is None:
+        """Merge the new groups into the output, atomically replacing it.
+
+        With several processes (``shard``), each closes its own part file, and after a
+        barrier rank 0 merges every part into the output while the others wait.
+        """
+        if self._part is not None:
+            part, self._part = self._part, None
+            part.close()
+        self.shard.barrier()
+        if self.shard.rank == 0:
+            self._merge()
+        self.shard.barrier()
+
+    def _merge(self) -> None:
+        parts = leftover_parts(self.path)
+        if not parts:
             return
-        part, self._part = self._part, None
-        try:
-            if not self.new_keys and self.path.exists() and not self.overwrite:
-                return
+        sources: list[tuple[Path, list[str]]] = []
+        for p in parts:
+            keys = sorted(self._complete_keys(p))
+            if keys:
+                sources.append((p, keys))
+        if sources or self.overwrite or not self.path.exists():
             tmp = self.path.with_name(self.path.name + ".tmp")
             if self.path.exists() and not self.overwrite:
                 shutil.copyfile(self.path, tmp)
@@ -216,33 +281,37 @@ class Writer:
             try:
                 for k, v in self.attrs.items():
                     out.attrs[k] = v
-                for key in self.new_keys:
-                    if key in out:
-                        del out[key]
-                    parent = key.rsplit("/", 1)[0] if "/" in key else None
-                    if parent:
-                        out.require_group(parent)
-                    part.copy(part[key], out, name=key)
-                    del out[key].attrs[_COMPLETE]
+                for p, keys in sources:
+                    with h5py.File(p, "r") as part:
+                        for key in keys:
+                            if key in out:
+                                del out[key]
+                            parent = key.rsplit("/", 1)[0] if "/" in key else None
+                            if parent:
+                                out.require_group(parent)
+                            part.copy(part[key], out, name=key)
+                            del out[key].attrs[_COMPLETE]
                 out.flush()
             finally:
                 out.close()
             with open(tmp, "rb") as fh:
                 os.fsync(fh.fileno())
             os.replace(tmp, self.path)
-        finally:
-            part.close()
-        self.part_path.unlink(missing_ok=True)
+        for p in parts:
+            p.unlink(missing_ok=True)
 
     def __enter__(self) -> Writer:
         return self
 
     def __exit__(self, exc_type: object, *exc: object) -> None:
-        if exc_type is not None and self.overwrite and self._part is not None:
+        if exc_type is not None and (self.overwrite or self.shard.world_size > 1):
             # An interrupted --overwrite run must not replace the complete old output with a
-            # partial new one: keep the old output and leave the new work in OUT.part.
-            self._part.close()
-            self._part = None
+            # partial new one: keep the old output and leave the new work in OUT.part. A
+            # failing rank cannot meet the others at the merge: its part waits for the next
+            # run.
+            if self._part is not None:
+                self._part.close()
+                self._part = None
             return
         self.close()
 

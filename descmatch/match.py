@@ -13,8 +13,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .distributed import session
 from .errors import InputError
-from .h5 import Reader, Writer, pair_key, settings_json
+from .h5 import Reader, Shard, Writer, pair_key, settings_json
 from .pairs import write_pairs
 
 log = logging.getLogger(__name__)
@@ -128,7 +129,12 @@ def match(
     pairs_out: str | Path | None = None,
     progress: Callable[[int, int, str], None] | None = None,
 ) -> MatchResult:
-    """Match every pair of images of a features file into a matches file (resumable)."""
+    """Match every pair of images of a features file into a matches file (resumable).
+
+    Under ``torchrun`` with several processes each matches every N-th pair still to do into
+    its own part file, rank 0 merges them into ``out`` and writes the pairs file, and every
+    rank returns the run's totals.
+    """
     features = Path(features)
     out = Path(out)
     device = torch.device(device)
@@ -146,26 +152,39 @@ def match(
                  "settings": settings_json(settings)}
         result = MatchResult(out, None)
         cache = _FeatureCache(reader, device)
-        with Writer(out, "matches", attrs, must_match=("method", "settings"),
-                    overwrite=overwrite) as writer:
-            for i, (a, b) in enumerate(pairs):
+        with session(device) as d, Writer(out, "matches", attrs,
+                                           must_match=("method", "settings"),
+                                           overwrite=overwrite,
+                                           shard=Shard(d.rank, d.world_size, d.barrier)) as writer:
+            pending = [(a, b) for a, b in pairs
+                       if pair_key(a, b) not in writer.done and pair_key(b, a) not in writer.done]
+            result.skipped = len(pairs) - len(pending)
+            todo = d.shard(pending)
+            if d.active:
+                log.info("rank %d of %d: %d of %d pairs", d.rank, d.world_size, len(todo),
+                         len(pending))
+            for i, (a, b) in enumerate(todo):
                 key = pair_key(a, b)
-                if key in writer.done or pair_key(b, a) in writer.done:
-                    result.skipped += 1
-                else:
-                    m, s = match_descriptors(cache.get(a), cache.get(b), ratio, mutual)
-                    m_np = m.to(torch.int32).cpu().numpy()
-                    writer.write(key, {"matches0": m_np,
-                                       "matching_scores0": s.cpu().numpy()})
-                    n = int((m_np >= 0).sum())
-                    result.matched += 1
-                    result.matches_total += n
-                    result.per_pair.append((a, b, n))
+                m, s = match_descriptors(cache.get(a), cache.get(b), ratio, mutual)
+                m_np = m.to(torch.int32).cpu().numpy()
+                writer.write(key, {"matches0": m_np, "matching_scores0": s.cpu().numpy()})
+                n = int((m_np >= 0).sum())
+                result.matched += 1
+                result.matches_total += n
+                result.per_pair.append((a, b, n))
                 if progress:
-                    progress(i + 1, len(pairs), key)
+                    progress(i + 1, len(todo), key)
+            if d.active:
+                ranks = d.gather(result)
+                result.matched = sum(r.matched for r in ranks)
+                result.matches_total = sum(r.matches_total for r in ranks)
+                result.per_pair = [p for r in ranks for p in r.per_pair]
     result.pairs = len(pairs)
     if pairs_out is None:
         pairs_out = out.with_name(out.stem + "-pairs.txt")
-    result.pairs_path = write_pairs(pairs_out, pairs)
+    if d.main:
+        result.pairs_path = write_pairs(pairs_out, pairs)
+    else:
+        result.pairs_path = Path(pairs_out)
     result.seconds = time.perf_counter() - t0
     return result

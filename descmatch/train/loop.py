@@ -70,7 +70,6 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, fields, replace
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +81,9 @@ from torch import Tensor, nn
 
 from .. import __version__ as _version
 from ..device import resolve_device
+from ..distributed import Dist as _Dist
+from ..distributed import launch_env as _launch_env
+from ..distributed import local_device, session
 from ..errors import ConfigError, InputError, OutputError, TrainingError
 from ..nets import NETS, DescriptorNet, build_net
 from ..patches import DEFAULT_MR_SIZE
@@ -114,7 +116,6 @@ LOG_CSV = "train_log.csv"
 LOG_JSON = "train_log.json"
 LOG_COLUMNS = ("step", "loss", "lr", "fpr95", "pairs_per_s", "seconds", "batch_acc")
 #: Collective timeout of data-parallel runs: rank 0 may build pools while the others wait.
-DIST_TIMEOUT = timedelta(hours=4)
 
 
 @dataclass(frozen=True)
@@ -515,55 +516,6 @@ class _Features(nn.Module):
         return self.net.forward_features(x)
 
 
-@dataclass
-class _Dist:
-    """This process's place in a data-parallel run (``active``: a process group is used)."""
-
-    rank: int = 0
-    world_size: int = 1
-    active: bool = False
-
-    @property
-    def main(self) -> bool:
-        return not self.active or self.rank == 0
-
-    def barrier(self) -> None:
-        if self.active:
-            dist.barrier()
-
-    def mean(self, values: Tensor) -> Tensor:
-        if self.active:
-            dist.all_reduce(values)
-            values = values / self.world_size
-        return values
-
-    def any(self, flag: bool, device: torch.device) -> bool:
-        if not self.active:
-            return flag
-        t = torch.tensor([1.0 if flag else 0.0], device=device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item() > 0)
-
-    def gather(self, obj: Any) -> list[Any]:
-        if not self.active:
-            return [obj]
-        out: list[Any] = [None] * self.world_size
-        dist.all_gather_object(out, obj)
-        return out
-
-
-def _launch_env() -> tuple[int, int, int] | None:
-    """(rank, world size, local rank) when torchrun (or the like) started more than one
-    process, else None."""
-    try:
-        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    except (KeyError, ValueError):
-        return None
-    if world <= 1:
-        return None
-    return rank, world, int(os.environ.get("LOCAL_RANK", rank))
-
-
 def _weights_digest(net: nn.Module) -> str:
     import hashlib
 
@@ -586,20 +538,10 @@ def train(config: TrainConfig, progress: Progress | None = None) -> Path:
     device = resolve_device(config.device)
     if env is None:
         return _train(config, progress, device, _Dist(config.rank, config.world_size))
-    rank, world, local = env
-    if device.type == "cuda":
-        device = torch.device("cuda", local)
-        torch.cuda.set_device(device)
-    owns = not dist.is_initialized()
-    if owns:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                timeout=DIST_TIMEOUT)
-    try:
-        return _train(replace(config, rank=rank, world_size=world),
-                      progress if rank == 0 else None, device, _Dist(rank, world, True))
-    finally:
-        if owns and dist.is_initialized():
-            dist.destroy_process_group()
+    device = local_device(device)
+    with session(device) as d:
+        return _train(replace(config, rank=d.rank, world_size=d.world_size),
+                      progress if d.main else None, device, d)
 
 
 def _train(config: TrainConfig, progress: Progress | None, device: torch.device,
