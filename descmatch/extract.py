@@ -36,7 +36,9 @@ class ExtractResult:
     failed: list[tuple[str, str]] = field(default_factory=list)
     keypoints: int = 0
     seconds: float = 0.0
-    describe_seconds: float = 0.0
+    describe_seconds: float = 0.0  # net (or SIFT descriptor) time in the main thread
+    load_seconds: float = 0.0  # decode + resize + detect, in the prefetch thread
+    write_seconds: float = 0.0  # HDF5 writes
 
     @property
     def keypoints_per_image(self) -> float:
@@ -55,21 +57,29 @@ class _Loaded:
     scale: tuple[float, float] = (1.0, 1.0)
     size: tuple[int, int] = (0, 0)  # original (width, height)
     error: str | None = None
+    seconds: float = 0.0  # spent loading and detecting (in the prefetch thread)
 
 
 def _load(images: ImageList, name: str, detector: SiftDetector,
           max_side: int | None) -> _Loaded:
+    t0 = time.perf_counter()
     try:
         img = read_image(images.path(name))
     except ImageReadError as e:
-        return _Loaded(name, error=str(e))
+        return _Loaded(name, error=str(e), seconds=time.perf_counter() - t0)
     h, w = img.shape
     small, scale = resize_max(img, max_side)
-    return _Loaded(name, small, detector(small), scale, (w, h))
+    kps = detector(small)
+    return _Loaded(name, small, kps, scale, (w, h), seconds=time.perf_counter() - t0)
 
 
 def _prefetch(images: ImageList, names: list[str], detector: SiftDetector,
               max_side: int | None, depth: int = 2) -> Iterator[_Loaded]:
+    """Load and detect up to ``depth`` images ahead in a worker thread (0: in this thread)."""
+    if depth <= 0:
+        for name in names:
+            yield _load(images, name, detector, max_side)
+        return
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="descmatch-load") as pool:
         queue: list[Future[_Loaded]] = []
         it = iter(names)
@@ -92,6 +102,7 @@ def extract(
     half: bool = False,
     extra_settings: dict[str, Any] | None = None,
     progress: Progress | None = None,
+    prefetch: int = 2,
 ) -> ExtractResult:
     """Detect (and describe unless ``describer`` is None) every image into ``out``.
 
@@ -99,6 +110,8 @@ def extract(
     skipped and listed in the result; ``strict`` makes them fatal. Under ``torchrun`` with
     several processes each takes every N-th image still to do and writes its own part file;
     rank 0 merges them into ``out`` at the end, and every rank returns the run's totals.
+    ``prefetch`` images are read and detected ahead in a worker thread while the current one
+    is described (0: one after the other, for measuring the overlap).
     """
     out = Path(out)
     t0 = time.perf_counter()
@@ -115,7 +128,7 @@ def extract(
     result = ExtractResult(out)
     with session(getattr(describer, "device", None)) as d:
         _extract(images, out, describer, detector, max_side, overwrite, strict, half, attrs,
-                 progress, result, d)
+                 progress, result, d, prefetch)
         result.seconds = time.perf_counter() - t0
         if d.active:
             result = _combine(result, d.gather(result))
@@ -129,13 +142,15 @@ def _combine(mine: ExtractResult, parts: list[ExtractResult]) -> ExtractResult:
         skipped_existing=mine.skipped_existing,
         failed=[f for p in parts for f in p.failed],
         keypoints=sum(p.keypoints for p in parts), seconds=mine.seconds,
-        describe_seconds=max(p.describe_seconds for p in parts))
+        describe_seconds=max(p.describe_seconds for p in parts),
+        load_seconds=max(p.load_seconds for p in parts),
+        write_seconds=max(p.write_seconds for p in parts))
 
 
 def _extract(images: ImageList, out: Path, describer: Describer | None, detector: SiftDetector,
              max_side: int | None, overwrite: bool, strict: bool, half: bool,
              attrs: dict[str, Any], progress: Progress | None, result: ExtractResult,
-             d: Dist) -> None:
+             d: Dist, prefetch: int) -> None:
     with Writer(out, "features", attrs, overwrite=overwrite,
                 must_match=("method", "descriptor_dim", "weights_sha256", "settings"),
                 shard=Shard(d.rank, d.world_size, d.barrier)) as writer:
@@ -145,7 +160,8 @@ def _extract(images: ImageList, out: Path, describer: Describer | None, detector
         if d.active:
             log.info("rank %d of %d: %d of %d images", d.rank, d.world_size, len(todo),
                      len(pending))
-        for i, item in enumerate(_prefetch(images, todo, detector, max_side)):
+        for i, item in enumerate(_prefetch(images, todo, detector, max_side, prefetch)):
+            result.load_seconds += item.seconds
             if item.error is not None:
                 if strict:
                     raise ImageReadError(item.error)
@@ -170,7 +186,9 @@ def _extract(images: ImageList, out: Path, describer: Describer | None, detector
                     "oris": full.angle.astype(np.float32),
                     "image_size": np.array(item.size, np.int32),
                 })
+                tw = time.perf_counter()
                 writer.write(item.name, data)
+                result.write_seconds += time.perf_counter() - tw
                 result.images += 1
                 result.keypoints += len(kps)
             if progress:

@@ -358,3 +358,19 @@ def test_reduced_precision_stays_close_to_fp32(hardnet_ckpt: Path) -> None:
     np.testing.assert_allclose(np.linalg.norm(low, axis=1), 1.0, atol=1e-5)
     cos = (ref * low).sum(1)
     assert cos.min() > 0.98 and cos.mean() > 0.995
+
+
+def test_sequential_and_pipelined_extract_write_the_same_and_time_each_stage(
+        tmp_path: Path) -> None:
+    folder = tmp_path / "imgs"
+    write_scenes(folder, 4, width=128, height=96)
+    a = run_extract(folder, tmp_path / "a.h5", max_keypoints=50)
+    b = run_extract(folder, tmp_path / "b.h5", max_keypoints=50, prefetch=0)
+    for res in (a, b):
+        assert res.images == 4  # type: ignore[attr-defined]
+        assert res.load_seconds > 0 and res.describe_seconds > 0  # type: ignore[attr-defined]
+        assert res.write_seconds > 0  # type: ignore[attr-defined]
+    with Reader(tmp_path / "a.h5", "features") as ra, Reader(tmp_path / "b.h5", "features") as rb:
+        assert sorted(ra.keys) == sorted(rb.keys)
+        for k in ra.keys:
+            np.testing.assert_array_equal(ra.read(k)["descriptors"], rb.read(k)["descriptors"])
