@@ -32,7 +32,7 @@ from rich.text import Text
 
 from . import __version__
 from .describe import DEFAULT_PRECISION
-from .errors import DescmatchError, InputError
+from .errors import ConfigError, DescmatchError, InputError
 from .match import DEFAULT_RATIO
 from .patches import DEFAULT_MR_SIZE
 
@@ -60,6 +60,11 @@ class Method(str, Enum):
     sosnet = "sosnet"
 
 
+class DetectorName(str, Enum):
+    sift = "sift"
+    dog = "dog"
+
+
 class Geometry(str, Enum):
     fundamental = "fundamental"
     homography = "homography"
@@ -73,6 +78,9 @@ WeightsOpt = Annotated[str | None, typer.Option("--weights", "-w", help="A check
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
 BatchOpt = Annotated[int | None, typer.Option("--batch-size", min=1, help="Patches per net "
                      "call (default: 256 on the CPU, where it is fastest, 2048 on CUDA).")]
+DetectorOpt = Annotated[DetectorName, typer.Option(
+    "--detector", help="sift: OpenCV's DoG detector (CPU); dog: the same detector in torch on "
+    "--device (the GPU path; learned descriptors only).")]
 MaxKptsOpt = Annotated[int, typer.Option("--max-keypoints", min=0,
                        help="Keep the strongest keypoints (0 = all).")]
 ResizeOpt = Annotated[int | None, typer.Option("--resize-max", min=16,
@@ -144,16 +152,28 @@ def _device(spec: str) -> Any:
     return resolve_device(spec)
 
 
-def _setup(method: Method, weights: str | None, device: str, batch_size: int | None,
-           max_keypoints: int, upright: bool, mr_size: float | None,
-           precision: str = DEFAULT_PRECISION) -> tuple[Any, Any]:
-    from .describe import build_describer
+def _detector(name: DetectorName, max_keypoints: int, upright: bool, dev: Any) -> Any:
     from .detect import SiftDetector
 
+    if name == DetectorName.dog:
+        from .dog import DoGDetector
+
+        return DoGDetector(max_keypoints=max_keypoints, upright=upright, device=str(dev))
+    return SiftDetector(max_keypoints=max_keypoints, upright=upright)
+
+
+def _setup(method: Method, weights: str | None, device: str, batch_size: int | None,
+           max_keypoints: int, upright: bool, mr_size: float | None,
+           precision: str = DEFAULT_PRECISION,
+           detector: DetectorName = DetectorName.sift) -> tuple[Any, Any]:
+    from .describe import SiftDescriber, build_describer
+
     dev = _device(device)
-    detector = SiftDetector(max_keypoints=max_keypoints, upright=upright)
     describer = build_describer(method.value, weights, dev, batch_size, mr_size, precision)
-    return detector, describer
+    if detector == DetectorName.dog and isinstance(describer, SiftDescriber):
+        raise ConfigError(f"--detector dog: {describer.name} needs OpenCV's SIFT scale space; "
+                          "use --detector sift, or a learned --method")
+    return _detector(detector, max_keypoints, upright, dev), describer
 
 
 def _extract_summary(res: Any, describe: bool) -> None:
@@ -174,18 +194,19 @@ def detect(
     max_keypoints: MaxKptsOpt = 4000,
     resize_max: ResizeOpt = None,
     upright: UprightOpt = False,
+    detector: DetectorOpt = DetectorName.sift,
+    device: DeviceOpt = "auto",
     overwrite: OverwriteOpt = False,
     strict: StrictOpt = False,
 ) -> None:
     """Detect keypoints only (SIFT/DoG), for inspection and for other tools."""
-    from .detect import SiftDetector
     from .extract import extract
     from .images import list_images
 
     imgs = list_images(images)
+    det = _detector(detector, max_keypoints, upright, _device(device))
     with _progress("detect") as cb:
-        res = extract(imgs, output, None, SiftDetector(max_keypoints=max_keypoints,
-                      upright=upright), resize_max, overwrite, strict, progress=cb)
+        res = extract(imgs, output, None, det, resize_max, overwrite, strict, progress=cb)
     _extract_summary(res, describe=False)
 
 
@@ -201,6 +222,7 @@ def extract_cmd(
     max_keypoints: MaxKptsOpt = 4000,
     resize_max: ResizeOpt = None,
     upright: UprightOpt = False,
+    detector: DetectorOpt = DetectorName.sift,
     mr_size: MrOpt = None,
     precision: PrecisionOpt = DEFAULT_PRECISION,
     half: HalfOpt = False,
@@ -213,7 +235,7 @@ def extract_cmd(
 
     imgs = list_images(images)
     detector, describer = _setup(method, weights, device, batch_size, max_keypoints, upright,
-                                 mr_size, precision)
+                                 mr_size, precision, detector)
     with _progress(f"extract {describer.name}") as cb:
         res = extract(imgs, output, describer, detector, resize_max, overwrite, strict,
                       half=half, progress=cb)
@@ -249,6 +271,7 @@ def match_cmd(
     max_keypoints: MaxKptsOpt = 4000,
     resize_max: ResizeOpt = None,
     upright: UprightOpt = False,
+    detector: DetectorOpt = DetectorName.sift,
     mr_size: MrOpt = None,
     precision: PrecisionOpt = DEFAULT_PRECISION,
 ) -> None:
@@ -261,7 +284,8 @@ def match_cmd(
     ratio_v: float | None = None if ratio >= 1.0 else ratio
     if _looks_like_image(first) and _looks_like_image(second):
         _match_two(Path(first), Path(second), ratio_v, mutual, device, viz, geometry, method,
-                   weights, batch_size, max_keypoints, resize_max, upright, mr_size, precision)
+                   weights, batch_size, max_keypoints, resize_max, upright, mr_size, precision,
+                   detector)
         return
     from .h5 import Reader
     from .match import match
@@ -283,8 +307,8 @@ def match_cmd(
 def _match_two(a: Path, b: Path, ratio: float | None, mutual: bool, device: str,
                viz: Path | None, geometry: Geometry, method: Method, weights: str | None,
                batch_size: int | None, max_keypoints: int, resize_max: int | None,
-               upright: bool,
-               mr_size: float | None, precision: str) -> None:
+               upright: bool, mr_size: float | None, precision: str,
+               detector: DetectorName) -> None:
     import torch
 
     from .export.viz import draw_matches, verify, write_image
@@ -294,7 +318,7 @@ def _match_two(a: Path, b: Path, ratio: float | None, mutual: bool, device: str,
 
     t0 = time.perf_counter()
     detector, describer = _setup(method, weights, device, batch_size, max_keypoints, upright,
-                                 mr_size, precision)
+                                 mr_size, precision, detector)
     dev = _device(device)
     feats = []
     for p in (a, b):
@@ -421,6 +445,7 @@ def eval_homography(
     batch_size: BatchOpt = None,
     max_keypoints: MaxKptsOpt = 4000,
     upright: UprightOpt = False,
+    detector: DetectorOpt = DetectorName.sift,
     mr_size: MrOpt = None,
     precision: PrecisionOpt = DEFAULT_PRECISION,
     ratio: Annotated[float, typer.Option("--ratio", min=0.0, max=1.0, help="Ratio test "
@@ -436,7 +461,7 @@ def eval_homography(
     from .evaluate import THRESHOLDS, evaluate_homography
 
     detector, describer = _setup(method, weights, device, batch_size, max_keypoints, upright,
-                                 mr_size, precision)
+                                 mr_size, precision, detector)
     rows = []
     for seq in sequences:
         rows += evaluate_homography(seq, describer, detector, None if ratio >= 1 else ratio,
@@ -471,6 +496,7 @@ def eval_epipolar(
     batch_size: BatchOpt = None,
     max_keypoints: MaxKptsOpt = 4000,
     upright: UprightOpt = False,
+    detector: DetectorOpt = DetectorName.sift,
     mr_size: MrOpt = None,
     precision: PrecisionOpt = DEFAULT_PRECISION,
     ratio: Annotated[float, typer.Option("--ratio", min=0.0, max=1.0, help="Ratio test "
@@ -484,7 +510,7 @@ def eval_epipolar(
     from .evaluate import evaluate_epipolar
 
     detector, describer = _setup(method, weights, device, batch_size, max_keypoints, upright,
-                                 mr_size, precision)
+                                 mr_size, precision, detector)
     rows = []
     for scene in scenes:
         rows += evaluate_epipolar(scene, describer, detector, None if ratio >= 1 else ratio,

@@ -112,13 +112,20 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
     return np.clip(image * 255.0 + 0.5, 0, 255).astype(np.uint8)
 
 
-DETECTORS: dict[str, Callable[..., SiftDetector]] = {"sift": SiftDetector}
+def _dog(**conf: Any) -> Any:
+    from .dog import DoGDetector  # torch: imported when asked for
+
+    return DoGDetector(**conf)
 
 
-def build_detector(name: str = "sift", **conf: Any) -> SiftDetector:
+#: sift: OpenCV's detector (CPU); dog: the same DoG detector in torch (any device, the GPU path)
+DETECTORS: dict[str, Callable[..., Any]] = {"sift": SiftDetector, "dog": _dog}
+
+
+def build_detector(name: str = "sift", **conf: Any) -> Any:
     try:
-        cls = DETECTORS[name]
+        make = DETECTORS[name]
     except KeyError:
         raise ConfigError(f"unknown detector {name!r}; choose one of {', '.join(DETECTORS)}"
                           ) from None
-    return cls(**conf)
+    return make(**conf)
