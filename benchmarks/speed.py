@@ -8,6 +8,8 @@ Sections (``--only NAME`` runs one, in this process):
     (same weights, plain forward, fp32) next to descmatch's HardNet;
   * patches: build_pyramid + extract_patches for the keypoints of a rendered 1024x768 scene
     (SiftDetector, 8000 keypoints);
+  * detect: OpenCV's SIFT detector (CPU) next to descmatch's torch DoG detector on --device
+    (the GPU path), on the same 1024x768 scene, 8000 keypoints, and how many agree;
   * matching: match_descriptors (mutual + ratio 0.85) on 4k x 4k and 8k x 8k unit 128-D
     descriptors next to OpenCV's BFMatcher knnMatch(k=2) both ways + numpy mutual/ratio;
   * extract: descmatch.extract.extract (RootSIFT, a learned net) over 8 rendered 1024x768
@@ -56,7 +58,7 @@ from descmatch.nets import NETS, DescriptorNet, build_net
 from descmatch.patches import DEFAULT_MR_SIZE, build_pyramid, extract_patches
 from descmatch.weights import load_net
 
-SECTIONS = ("descriptors", "patches", "matching", "extract")
+SECTIONS = ("descriptors", "patches", "detect", "matching", "extract")
 PEAK_TAG = "@@peak"  # the line a child prints at exit for the parent to parse
 
 
@@ -447,7 +449,33 @@ def section_extract(args: argparse.Namespace, sz: Sizes, device: torch.device) -
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def section_detect(args: argparse.Namespace, sz: Sizes, device: torch.device) -> None:
+    from descmatch.dog import DoGDetector
+
+    img = scene(sz)
+    h, w = img.shape
+    k = sz.keypoints
+    reps = max(1, args.reps)
+    print(f"## Detection ({w}x{h} rendered scene, {k} keypoints kept, median of {reps})\n")
+    rows = []
+    cv = SiftDetector(max_keypoints=k)
+    t = med(bench(lambda: cv(img), torch.device("cpu"), reps))
+    n_cv = len(cv(img))
+    rows.append(["SiftDetector (OpenCV, CPU)", fmt(1000 * t, 1), fmt(n_cv)])
+    dog = DoGDetector(max_keypoints=k, device=str(device))
+    timg = torch.from_numpy(img).to(device)
+    t = med(bench(lambda: dog(timg), device, reps))
+    kd = dog(timg)
+    rows.append([f"DoGDetector (torch, {device.type})", fmt(1000 * t, 1), fmt(len(kd))])
+    table(["detector", "ms / image", "keypoints"], rows)
+    ref = cv(img)
+    d = np.linalg.norm(ref.xy[:, None] - kd.xy[None], axis=2).min(1) if len(kd) else np.inf
+    print(f"OpenCV keypoints with a torch DoG keypoint within 0.5 px: "
+          f"{100 * float(np.mean(d < 0.5)):.1f}%\n")
+
+
 SECTION_FNS = {"descriptors": section_descriptors, "patches": section_patches,
+               "detect": section_detect,
                "matching": section_matching, "extract": section_extract}
 
 
