@@ -49,6 +49,58 @@ def score_homography(kp0: np.ndarray, kp1: np.ndarray, matches0: np.ndarray,
     return PairScore(len(i0), {t: int((err <= t).sum()) for t in thresholds})
 
 
+def possible_correspondences(kp0: np.ndarray, kp1: np.ndarray, h: np.ndarray,
+                             threshold: float = 3.0) -> int:
+    """The most one-to-one matches that can be correct at ``threshold`` px with these
+    keypoints: a maximum bipartite matching between image-0 keypoints (mapped by ``h``) and
+    image-1 keypoints within the threshold. No descriptor can find more mutual matches
+    correct at that threshold, so correct/possible says how close a descriptor is to the
+    detector's ceiling. Shape: kp0 (N0,2), kp1 (N1,2)."""
+    if len(kp0) == 0 or len(kp1) == 0:
+        return 0
+    p0 = project(h, kp0)
+    cell = max(threshold, 1e-6)
+    grid: dict[tuple[int, int], list[int]] = {}
+    for j, (x, y) in enumerate(np.floor(kp1 / cell).astype(np.int64).tolist()):
+        grid.setdefault((x, y), []).append(j)
+    adj: list[list[int]] = []
+    c0 = np.floor(p0 / cell).astype(np.int64)
+    for i in range(len(p0)):
+        if not np.isfinite(p0[i]).all():
+            adj.append([])
+            continue
+        cx, cy = int(c0[i, 0]), int(c0[i, 1])
+        cand = [j for dx in (-1, 0, 1) for dy in (-1, 0, 1)
+                for j in grid.get((cx + dx, cy + dy), ())]
+        if cand:
+            d = np.linalg.norm(kp1[cand] - p0[i], axis=1)
+            cand = [cand[k] for k in np.argsort(d) if d[k] <= threshold]
+        adj.append(cand)
+    match1 = [-1] * len(kp1)
+    for i in range(len(p0)):  # augmenting paths (Kuhn), iterative: few edges per keypoint
+        if not adj[i]:
+            continue
+        parent: dict[int, int] = {}  # image-1 keypoint -> image-0 keypoint that reached it
+        stack, seen, end = [i], set(), -1
+        while stack and end < 0:
+            u = stack.pop()
+            for j in adj[u]:
+                if j in seen:
+                    continue
+                seen.add(j)
+                parent[j] = u
+                if match1[j] < 0:
+                    end = j
+                    break
+                stack.append(match1[j])
+        while end >= 0:  # flip the path
+            u = parent[end]
+            prev = next((j for j in adj[u] if match1[j] == u), -1) if u != i else -1
+            match1[end] = u
+            end = prev
+    return sum(m >= 0 for m in match1)
+
+
 def homography_corner_error(h_est: np.ndarray | None, h_true: np.ndarray,
                             width: int, height: int) -> float:
     """Mean distance of the image corners mapped by the estimate and the truth."""
@@ -67,6 +119,7 @@ class HomographyRow:
     matches: int
     correct: dict[int, int]
     corner_error: float
+    possible: int = 0  # the most matches these keypoints allow correct at 3 px
 
     def mma(self, t: int) -> float:
         return self.correct[t] / self.matches if self.matches else 0.0
@@ -118,7 +171,8 @@ def evaluate_homography(seq: str | Path, describer: Any, detector: Any,
         i0 = np.nonzero(m_np >= 0)[0]
         h_est, _ = verify(k0.xy[i0], k1.xy[m_np[i0]], "homography")
         err = homography_corner_error(h_est, h_true, w0, h0)
-        rows.append(HomographyRow(seq.name, f"1-{i + 1}", s.matches, s.correct, err))
+        rows.append(HomographyRow(seq.name, f"1-{i + 1}", s.matches, s.correct, err,
+                                  possible_correspondences(k0.xy, k1.xy, h_true, 3.0)))
     return rows
 
 

@@ -42,6 +42,7 @@ def test_homography_eval_scores_against_the_truth(sequence: Path) -> None:
         assert r.mma(3) > 0.8
         assert r.correct[1] <= r.correct[3] <= r.correct[10] <= r.matches
         assert r.corner_error < 3.0
+        assert r.correct[3] <= r.possible <= 500  # mutual matches are one-to-one
 
 
 def test_homography_eval_detects_a_wrong_homography(sequence: Path, tmp_path: Path) -> None:
@@ -62,6 +63,36 @@ def test_eval_homography_cli_writes_json(sequence: Path, tmp_path: Path) -> None
     assert "MMA@3" in res.output
     data = json.loads(out.read_text())
     assert data["method"] == "rootsift" and len(data["rows"]) == 2
+    assert "possible@3" in res.output and data["rows"][0]["possible@3"] > 0
+
+
+def brute_force_matching(ok: np.ndarray) -> int:
+    """The largest set of (i, j) pairs with ok[i, j], no i or j twice, by trying all."""
+    import itertools
+
+    n0, n1 = ok.shape
+    best = 0
+    for perm in itertools.permutations(range(max(n0, n1)), n0):
+        best = max(best, sum(1 for i, j in enumerate(perm) if j < n1 and ok[i, j]))
+    return best
+
+
+def test_possible_correspondences_is_a_maximum_one_to_one_matching() -> None:
+    from descmatch.evaluate import possible_correspondences
+
+    rng = np.random.default_rng(1)
+    shift = np.array([[1, 0, 0.5], [0, 1, -0.25], [0, 0, 1]])
+    for _ in range(60):
+        a = rng.uniform(0, 6, (int(rng.integers(0, 6)), 2))
+        b = rng.uniform(0, 6, (int(rng.integers(0, 6)), 2))
+        pa = a + [0.5, -0.25]
+        ok = (np.linalg.norm(pa[:, None] - b[None], axis=2) <= 1.5 if len(a) and len(b)
+              else np.zeros((len(a), len(b)), bool))
+        assert possible_correspondences(a, b, shift, 1.5) == brute_force_matching(ok)
+    # A greedy nearest choice would take (0 -> 0) and leave point 1 without a partner.
+    a = np.array([[0.0, 0.0], [2.0, 0.0]])
+    b = np.array([[1.0, 0.0], [-1.0, 0.0]])
+    assert possible_correspondences(a, b, np.eye(3), 1.0) == 2
 
 
 def test_epipolar_eval_on_a_rendered_scene(tmp_path: Path) -> None:
