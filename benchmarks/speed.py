@@ -10,8 +10,9 @@ Sections (``--only NAME`` runs one, in this process):
     (SiftDetector, 8000 keypoints);
   * detect: OpenCV's SIFT detector (CPU) next to descmatch's torch DoG detector on --device
     (the GPU path), on the same 1024x768 scene, 8000 keypoints, and how many agree;
-  * matching: match_descriptors (mutual + ratio 0.85) on 4k x 4k and 8k x 8k unit 128-D
-    descriptors next to OpenCV's BFMatcher knnMatch(k=2) both ways + numpy mutual/ratio;
+  * matching: match_descriptors (mutual + ratio 0.85; precision auto, i.e. bf16/fp16 with
+    float32 re-checks, and fp32) on 4k x 4k and 8k x 8k unit 128-D descriptors next to
+    OpenCV's BFMatcher knnMatch(k=2) both ways + numpy mutual/ratio, and the speed-up;
   * extract: descmatch.extract.extract (RootSIFT, a learned net) over 8 rendered 1024x768
     images, 4000 and 8000 keypoints, next to OpenCV SIFT detectAndCompute on the same files.
 Without ``--only`` every section runs in its own subprocess (this script again with
@@ -303,7 +304,11 @@ def section_patches(args: argparse.Namespace, sz: Sizes, device: torch.device) -
             rows.append([label, str(len(kps)), fmt(1e3 * med(t), 1),
                          fmt(len(kps) / med(t)), fmt(len(kps) / min(t))])
     table(["patches", "keypoints", "ms / image", "patches/s", "best patches/s"], rows)
-    print(f"of which build_pyramid: {1e3 * t_pyr:.1f} ms; for scale, SiftDetector on the same "
+    from descmatch.patches import _remap_is_exact  # the CPU sampler's own check
+
+    sampler = "cv2.remap" if device.type == "cpu" and _remap_is_exact() else "grid_sample"
+    print(f"of which build_pyramid: {1e3 * t_pyr:.1f} ms; patches sampled with {sampler} "
+          f"(all pyramid levels in one atlas image); for scale, SiftDetector on the same "
           f"image (CPU): {1e3 * t_det:.0f} ms\n")
 
 
@@ -339,27 +344,32 @@ def opencv_match(d0: np.ndarray, d1: np.ndarray, ratio: float) -> np.ndarray:
 
 
 def section_matching(args: argparse.Namespace, sz: Sizes, device: torch.device) -> None:
+    auto = resolve_precision("auto", device)
     print(f"## Matching (mutual nearest neighbours + ratio {DEFAULT_RATIO}, unit 128-D "
           f"descriptors: half of image 1's are noisy copies of image 0's; median of "
-          f"{args.reps})\n")
+          f"{args.reps}; precision auto: {auto} here, fp32 below 2^18 entries; reduced "
+          f"precision re-makes in fp32 the decisions its error bound leaves open)\n")
     rows = []
     for n in sz.match_n:
         d0, d1 = unit_descriptors(n, seed=n)
         t0, t1 = torch.from_numpy(d0).to(device), torch.from_numpy(d1).to(device)
-        t = bench(lambda t0=t0, t1=t1: match_descriptors(t0, t1, DEFAULT_RATIO, True),
-                  device, args.reps)
-        ours = match_descriptors(t0, t1, DEFAULT_RATIO, True)[0].cpu().numpy()
-        tc = bench(lambda d0=d0, d1=d1: opencv_match(d0, d1, DEFAULT_RATIO),
-                   torch.device("cpu"), args.reps)
+        tc = med(bench(lambda d0=d0, d1=d1: opencv_match(d0, d1, DEFAULT_RATIO),
+                       torch.device("cpu"), args.reps))
         ref = opencv_match(d0, d1, DEFAULT_RATIO)
-        agree = float((ours == ref).mean())
-        rows.append([f"{n} x {n}", f"match_descriptors ({device.type})", fmt(1 / med(t), 2),
-                     fmt(1e3 * med(t), 1), str(int((ours >= 0).sum())), f"{agree:.4f}"])
-        rows.append([f"{n} x {n}", "cv2.BFMatcher knnMatch x2 + numpy (CPU)",
-                     fmt(1 / med(tc), 2), fmt(1e3 * med(tc), 1), str(int((ref >= 0).sum())),
-                     ""])
+        for prec in ("auto", "fp32"):
+            def run(t0: torch.Tensor = t0, t1: torch.Tensor = t1, prec: str = prec
+                    ) -> torch.Tensor:
+                return match_descriptors(t0, t1, DEFAULT_RATIO, True, precision=prec)[0]
+
+            t = med(bench(run, device, args.reps))
+            ours = run().cpu().numpy()
+            rows.append([f"{n} x {n}", f"match_descriptors {prec} ({device.type})", fmt(1 / t, 2),
+                         fmt(1e3 * t, 1), str(int((ours >= 0).sum())),
+                         f"{float((ours == ref).mean()):.4f}", f"{tc / t:.1f}x"])
+        rows.append([f"{n} x {n}", "cv2.BFMatcher knnMatch x2 + numpy (CPU)", fmt(1 / tc, 2),
+                     fmt(1e3 * tc, 1), str(int((ref >= 0).sum())), "", "1.0x"])
     table(["descriptors", "matcher", "pairs/s", "ms / pair", "matches",
-           "same result as OpenCV"], rows)
+           "same result as OpenCV", "speed-up vs OpenCV"], rows)
 
 
 def section_extract(args: argparse.Namespace, sz: Sizes, device: torch.device) -> None:
