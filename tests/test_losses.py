@@ -84,7 +84,8 @@ def test_l2net_e2_by_hand() -> None:
         return float(sum(r[i, j] ** 2 for i in range(3) for j in range(3) if i != j))
 
     expected = 0.5 * (off_diag_sq(a) + off_diag_sq(p))
-    assert l2net_e2(t(a), t(p)).item() == pytest.approx(expected, rel=1e-6)
+    assert l2net_e2(t(a), t(p), mean=False).item() == pytest.approx(expected, rel=1e-6)
+    assert l2net_e2(t(a), t(p)).item() == pytest.approx(expected / 6, rel=1e-6)  # 3 x 2 pairs
 
 
 def test_l2net_e2_zero_for_uncorrelated_dimensions() -> None:
