@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import cv2
 import numpy as np
@@ -53,8 +53,8 @@ class Keypoints:
 
 
 @dataclass(frozen=True)
-class SiftDetector:
-    """OpenCV's DoG detector with SIFT orientation assignment.
+class DoGSettings:
+    """The settings of a DoG/SIFT detector, shared by OpenCV's and the torch one.
 
     ``contrast_threshold`` is lower than OpenCV's 0.04 so that low-texture images still get
     keypoints; the budget ``max_keypoints`` then keeps the strongest responses.
@@ -67,11 +67,21 @@ class SiftDetector:
     n_octave_layers: int = 3
     upright: bool = False
 
+    name: ClassVar[str] = "dog"
+
     def settings(self) -> dict[str, Any]:
-        return {"detector": "sift", "max_keypoints": self.max_keypoints,
+        """What a features file records (and must match to be completed)."""
+        return {"detector": self.name, "max_keypoints": self.max_keypoints,
                 "contrast_threshold": self.contrast_threshold,
                 "edge_threshold": self.edge_threshold, "sigma": self.sigma,
                 "n_octave_layers": self.n_octave_layers, "upright": self.upright}
+
+
+@dataclass(frozen=True)
+class SiftDetector(DoGSettings):
+    """OpenCV's DoG detector with SIFT orientation assignment."""
+
+    name: ClassVar[str] = "sift"
 
     def make_cv(self) -> Any:
         # precise upscale: without it OpenCV's keypoints sit 0.25 px down-right.

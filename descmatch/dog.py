@@ -26,13 +26,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .detect import Keypoints
+from .detect import DoGSettings, Keypoints
 
 _BORDER = 5  # OpenCV's SIFT_IMG_BORDER
 _MAX_STEPS = 5  # SIFT_MAX_INTERP_STEPS
@@ -72,26 +71,14 @@ def _upsample2(img: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class DoGDetector:
-    """OpenCV-compatible SIFT/DoG detection on the device of ``device`` (see module doc).
+class DoGDetector(DoGSettings):
+    """OpenCV-compatible SIFT/DoG detection on the device ``device`` (see module doc).
 
     Same settings and result as :class:`~descmatch.detect.SiftDetector`, with no OpenCV
     KeyPoint objects (so no classical SIFT descriptor: use it with a learned net).
     """
 
-    max_keypoints: int = 4000
-    contrast_threshold: float = 0.01
-    edge_threshold: float = 10.0
-    sigma: float = 1.6
-    n_octave_layers: int = 3
-    upright: bool = False
     device: str = "cpu"
-
-    def settings(self) -> dict[str, Any]:
-        return {"detector": "dog", "max_keypoints": self.max_keypoints,
-                "contrast_threshold": self.contrast_threshold,
-                "edge_threshold": self.edge_threshold, "sigma": self.sigma,
-                "n_octave_layers": self.n_octave_layers, "upright": self.upright}
 
     @torch.inference_mode()
     def __call__(self, image: np.ndarray | torch.Tensor) -> Keypoints:
