@@ -153,13 +153,10 @@ def _device(spec: str) -> Any:
 
 
 def _detector(name: DetectorName, max_keypoints: int, upright: bool, dev: Any) -> Any:
-    from .detect import SiftDetector
+    from .detect import build_detector
 
-    if name == DetectorName.dog:
-        from .dog import DoGDetector
-
-        return DoGDetector(max_keypoints=max_keypoints, upright=upright, device=str(dev))
-    return SiftDetector(max_keypoints=max_keypoints, upright=upright)
+    extra = {"device": str(dev)} if name == DetectorName.dog else {}
+    return build_detector(name.value, max_keypoints=max_keypoints, upright=upright, **extra)
 
 
 def _setup(method: Method, weights: str | None, device: str, batch_size: int | None,
@@ -407,7 +404,6 @@ def train_cmd(
     --batch-size is the global batch: each process trains on its share of it.
     Rank 0 alone builds pools, validates, logs and writes; --resume is exact
     with the same number of processes."""
-    import os
 
     from .train.loop import TrainConfig, train
 
@@ -422,9 +418,6 @@ def train_cmd(
         pool_workers=workers, sampler=sampler, p1_fraction=p1_fraction,
         mine_every=mine_every, mine_points=mine_points, mine_group=mine_group or None,
         command="descmatch " + " ".join(sys.argv[1:]))
-    if os.environ.get("RANK", "0") != "0":  # another rank of a torchrun launch: rank 0 reports
-        train(cfg)
-        return
     with _progress(f"train {method}") as cb:
         path = train(cfg, progress=cb)
     _say(f"wrote {path}")
