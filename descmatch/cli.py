@@ -392,6 +392,12 @@ def train_cmd(
                            "random points per source described at each update.")] = 32768,
     mine_group: Annotated[int, typer.Option("--mine-group", min=0, help="hard-negative: "
                           "points per group of neighbours (0: the whole batch).")] = 64,
+    init: Annotated[str | None, typer.Option("--init", help="Start from these weights (a "
+                    "file or shipped name of the same method) instead of random ones: "
+                    "fine-tuning.")] = None,
+    max_tilt: Annotated[float, typer.Option("--max-tilt", min=1.0, help="Photo sources: add "
+                        "random camera tilts (affine foreshortening) up to this factor to the "
+                        "homographies (1 = none).")] = 1.0,
 ) -> None:
     """Train a descriptor net (L2-Net, HardNet, SOSNet objectives) with checkpoints and
     validation FPR95; writes <out>/<method>.pt, loadable with --weights.
@@ -417,7 +423,7 @@ def train_cmd(
         mr_size=mr_size, pairs_per_image=pairs_per_image, max_images=max_images,
         pool_workers=workers, sampler=sampler, p1_fraction=p1_fraction,
         mine_every=mine_every, mine_points=mine_points, mine_group=mine_group or None,
-        command="descmatch " + " ".join(sys.argv[1:]))
+        init=init, max_tilt=max_tilt, command="descmatch " + " ".join(sys.argv[1:]))
     with _progress(f"train {method}") as cb:
         path = train(cfg, progress=cb)
     _say(f"wrote {path}")

@@ -12,7 +12,7 @@ import pytest
 import torch
 from fixtures_brown import make_brown_fixture
 
-from descmatch.errors import ConfigError, OutputError
+from descmatch.errors import ConfigError, OutputError, WeightsError
 from descmatch.examples import render_scene
 from descmatch.nets import NETS
 from descmatch.train.loop import DataSpec, TrainConfig, augment_pairs, read_log, train
@@ -152,6 +152,46 @@ def test_brown_and_photos_mix(pool32: Path, tmp_path: Path) -> None:
     meta = load_net("sosnet", path).meta
     assert meta["val_set"].startswith("brown:") and 0.0 <= meta["val_fpr95"] <= 1.0
     assert "brown:" in meta["data"] and "pool:" in meta["data"]
+
+
+def test_init_starts_from_trained_weights(pool32: Path, tmp_path: Path) -> None:
+    # Another seed than the runs below: their random starts differ from these weights.
+    base = train(TrainConfig(method="sosnet", data=[str(pool32)], out_dir=tmp_path / "a",
+                             steps=4, batch_size=16, val="none", seed=1))
+    start = load_net("sosnet", base)
+
+    def cfg(out: str, **kw: object) -> TrainConfig:
+        return TrainConfig(method="sosnet", data=[str(pool32)], out_dir=tmp_path / out, steps=3,
+                           batch_size=16, val="none", lr=1e-3, **kw)
+
+    # The first step starts from the given weights: fine-tuning moves them only a little,
+    # a fresh run starts far away.
+    tuned = load_net("sosnet", train(cfg("b", init=str(base), checkpoint_every=1)))
+    fresh = load_net("sosnet", train(cfg("c")))
+
+    def dist(a: torch.nn.Module) -> float:
+        return max((p - q).abs().max().item() for p, q in
+                   zip(a.parameters(), start.net.parameters(), strict=True))
+
+    assert dist(tuned.net) < 0.01 < dist(fresh.net)
+    info = tuned.meta["init"]
+    assert info["sha256"] == start.sha256 and info["steps"] == 4 and info["path"] == str(base)
+    assert "init" not in fresh.meta
+    # Resuming a fine-tuning run continues from its checkpoint, not from --init again.
+    again = cfg("b", init=str(base), resume=True)
+    again.steps = 5
+    resumed = load_net("sosnet", train(again))
+    assert resumed.meta["steps"] == 5 and resumed.meta["init"]["sha256"] == start.sha256
+    # Weights of another method or another patch window are refused.
+    with pytest.raises(WeightsError, match="sosnet, not hardnet"):
+        train(TrainConfig(method="hardnet", data=[str(pool32)], out_dir=tmp_path / "d",
+                          steps=1, batch_size=8, val="none", init=str(base)))
+    other = tmp_path / "other.pt"
+    ck = torch.load(base, weights_only=True)
+    ck["meta"]["mr_size"] = 10.0
+    torch.save(ck, other)
+    with pytest.raises(ConfigError, match="mr_size 10"):
+        train(cfg("e", init=str(other)))
 
 
 def test_pool_that_does_not_fit_the_net(pool32: Path, tmp_path: Path) -> None:

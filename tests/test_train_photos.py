@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from fixtures_brown import make_brown_fixture
 
-from descmatch.errors import OutputError
+from descmatch.errors import ConfigError, OutputError
 from descmatch.examples import render_scene
 from descmatch.train.brown import BrownDataset
 from descmatch.train.photos import (
@@ -29,6 +29,7 @@ from descmatch.train.pool import (
     MixedBatches,
     PairPool,
     SameImageSampler,
+    build_photo_pool_for,
     build_pool,
     is_pool,
 )
@@ -80,9 +81,33 @@ def test_map_keypoints_similarity() -> None:
     assert front.all()
 
 
-@pytest.mark.parametrize("pairing", ["detected", "mapped"])
-def test_photo_pairs_agree(scene: np.ndarray, pairing: str) -> None:
-    conf = PhotoPairConfig(pairing=pairing)
+def test_tilt_is_area_preserving_foreshortening() -> None:
+    # Only the tilt: the local map is R(phi) diag(sqrt t, 1/sqrt t) R(-phi), 1 <= t <= max.
+    bare = dict(max_rotation=0.0, scale_range=(1.0, 1.0), anisotropy=0.0, perspective=0.0,
+                translation=0.0)
+    rng = np.random.default_rng(0)
+    tilts = []
+    for _ in range(200):
+        h = random_homography(400, 300, rng, PhotoPairConfig(max_tilt=3.0, **bare))
+        a = h[:2, :2] / h[2, 2]
+        np.testing.assert_allclose(h[2, :2], 0.0, atol=1e-12)
+        np.testing.assert_allclose(a, a.T, atol=1e-12)  # no rotation
+        s = np.linalg.svd(a, compute_uv=False)
+        assert abs(s[0] * s[1] - 1.0) < 1e-9
+        tilts.append(s[0] / s[1])
+        np.testing.assert_allclose(h @ [199.5, 149.5, 1.0], [199.5, 149.5, 1.0], atol=1e-9)
+    assert 1.0 <= min(tilts) < 1.2 and 2.6 < max(tilts) <= 3.0 + 1e-9
+    # max_tilt 1 (the default) draws no tilt: the map is the identity.
+    h = random_homography(400, 300, np.random.default_rng(0), PhotoPairConfig(**bare))
+    np.testing.assert_allclose(h, np.eye(3), atol=1e-12)
+    with pytest.raises(ConfigError):
+        PhotoPairConfig(max_tilt=0.5)
+
+
+@pytest.mark.parametrize("pairing,tilt", [("detected", 1.0), ("mapped", 1.0),
+                                          ("detected", 3.0)])
+def test_photo_pairs_agree(scene: np.ndarray, pairing: str, tilt: float) -> None:
+    conf = PhotoPairConfig(pairing=pairing, max_tilt=tilt)
     res = photo_pairs(scene, np.random.default_rng(1), conf, max_pairs=256)
     assert res.mode == pairing
     assert res.patches.dtype == np.uint8 and res.patches.shape[1:] == (2, 32, 32)
@@ -90,7 +115,8 @@ def test_photo_pairs_agree(scene: np.ndarray, pairing: str) -> None:
     a, b = _standardized(res.patches[:, 0]), _standardized(res.patches[:, 1])
     paired = np.abs(a - b).mean()
     shuffled = np.abs(a - b[np.random.default_rng(0).permutation(len(b))]).mean()
-    assert paired < 0.5 * shuffled, (paired, shuffled)
+    # Tilted views differ more (the net's job), but far less than unrelated patches do.
+    assert paired < (0.5 if tilt == 1.0 else 0.7) * shuffled, (paired, shuffled)
     # Warp keypoints are where H maps the source ones (detected: within the pairing radius).
     uv, size, _, _ = map_keypoints(res.H, res.src_xy, res.src_size, res.src_angle)
     err = np.linalg.norm(uv - res.dst_xy, axis=1)
@@ -129,6 +155,18 @@ def test_photometric_range_and_determinism(scene: np.ndarray) -> None:
     assert a.shape == scene.shape and a.dtype == np.float32
     assert a.min() >= 0 and a.max() <= 1
     np.testing.assert_array_equal(a, b)
+
+
+def test_tilted_pools_are_named_and_described_apart(photo_dir: Path, tmp_path: Path) -> None:
+    plain = build_photo_pool_for(photo_dir, tmp_path, 32, 6.0, 1.0, 16, 0, max_images=1)
+    tilted = build_photo_pool_for(photo_dir, tmp_path, 32, 6.0, 1.0, 16, 0, max_images=1,
+                                  conf=PhotoPairConfig(max_tilt=3.0))
+    assert plain != tilted and is_pool(plain) and is_pool(tilted)
+    conf = [json.loads((p / "meta.json").read_text())["photo_conf"] for p in (plain, tilted)]
+    # Pools without tilt are described (and named) as before the setting existed.
+    assert "max_tilt" not in conf[0] and conf[1]["max_tilt"] == 3.0
+    assert conf[0] == {k: v for k, v in conf[1].items() if k != "max_tilt"}
+    assert build_photo_pool_for(photo_dir, tmp_path, 32, 6.0, 1.0, 16, 0, max_images=1) == plain
 
 
 def test_build_pool_round_trip(photo_dir: Path, tmp_path: Path) -> None:

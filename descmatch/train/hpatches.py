@@ -31,7 +31,7 @@ import logging
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -215,7 +215,7 @@ def build_hpatches_pool(
         "sources": [str(Path(p).resolve()) for p in paths],
         "sequences": [s.name for s in seqs], "pairs_per_image": pairs_per_image,
         "patch_size": patch_size, "mr_size": mr_size, "window_factor": window_factor,
-        "seed": seed, "photo_conf": asdict(conf),
+        "seed": seed, "photo_conf": conf.settings(),
     }
     settings, parts = start_pool_build(out, settings)
     if parts is None:
@@ -284,7 +284,7 @@ def build_hpatches_pool_for(path: str | Path, cache_root: str | Path, patch_size
     folder and a digest of the settings."""
     conf = conf or PhotoPairConfig()
     key = json.dumps([str(Path(path).resolve()), patch_size, mr_size, window_factor,
-                      pairs_per_image, seed, "hpatches", asdict(conf)], sort_keys=True)
+                      pairs_per_image, seed, "hpatches", conf.settings()], sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:10]
     out = Path(cache_root) / f"hpatches-{Path(path).resolve().name}-{patch_size}px-{digest}"
     return build_hpatches_pool([path], out, pairs_per_image, patch_size, mr_size, seed, progress,

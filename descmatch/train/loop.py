@@ -87,12 +87,13 @@ from ..distributed import local_device, session
 from ..errors import ConfigError, InputError, OutputError, TrainingError
 from ..nets import NETS, DescriptorNet, build_net
 from ..patches import DEFAULT_MR_SIZE
-from ..weights import save_checkpoint
+from ..weights import load_net, save_checkpoint
 from .brown import BrownDataset
 from .evaluation import describe_patches, fpr_at_recall, pair_distances
 from .hpatches import build_hpatches_pool_for
 from .losses import LOSSES, get_loss
 from .multiview import MultiviewPairPool, build_multiview_pool_for
+from .photos import PhotoPairConfig
 from .pool import SAMPLERS, MixedBatches, PairPool, build_photo_pool_for, is_pool
 
 log = logging.getLogger(__name__)
@@ -170,7 +171,11 @@ class TrainConfig:
     training time in this call. ``command`` is recorded in the weights' meta. ``sampler``
     (one of :data:`~descmatch.train.pool.SAMPLERS`) with ``p1_fraction`` (progressive) and
     ``mine_every``, ``mine_points``, ``mine_group`` (hard-negative; None: one group per batch)
-    composes the batches. ``rank``/``world_size`` are set from the environment under torchrun.
+    composes the batches. ``init`` (a weights file or shipped name of the same method) starts
+    the net from trained weights instead of random ones (fine-tuning). ``max_tilt`` > 1 adds
+    random camera tilts up to that factor to the homographies of photo sources
+    (:class:`~descmatch.train.photos.PhotoPairConfig`). ``rank``/``world_size`` are set from the
+    environment under torchrun.
     """
 
     method: str = "hardnet"
@@ -213,6 +218,8 @@ class TrainConfig:
     mine_points: int = 32768
     mine_group: int | None = 64
     net_conf: dict[str, Any] = field(default_factory=dict)
+    init: str | None = None
+    max_tilt: float = 1.0
     command: str = ""
     rank: int = 0
     world_size: int = 1
@@ -348,7 +355,8 @@ def _open_source(spec: DataSpec, net_cls: type[DescriptorNet], config: TrainConf
         out = build_photo_pool_for(spec.path, Path(config.out_dir) / "pools",
                                    net_cls.patch_size, config.mr_size, net_cls.window_factor,
                                    config.pairs_per_image, config.seed, config.pool_workers,
-                                   cb, max_images=config.max_images)
+                                   cb, conf=PhotoPairConfig(max_tilt=config.max_tilt),
+                                   max_images=config.max_images)
         return _fit_pool(PairPool.load(out), net_cls, config, mr_sizes)
     if spec.kind == "multiview":
         if is_pool(spec.path):
@@ -607,6 +615,17 @@ def _train(config: TrainConfig, progress: Progress | None, device: torch.device,
     # Net, optimiser, schedule.
     torch.manual_seed(config.seed)
     net = build_net(config.method, config.net_conf).to(device)
+    init_info: dict[str, Any] | None = None
+    if config.init and not (config.resume and ckpt_path.is_file()):
+        loaded = load_net(config.method, config.init)
+        init_mr = float(loaded.meta.get("mr_size", mr_size))
+        if abs(init_mr - mr_size) > 1e-6:
+            raise ConfigError(f"{loaded.path}: trained on patches with mr_size {init_mr:g}, the "
+                              f"data is cut with {mr_size:g}")
+        net = loaded.net.to(device).train()
+        init_info = {"path": str(loaded.path), "sha256": loaded.sha256,
+                     "steps": loaded.meta.get("steps"),
+                     "pairs_seen": loaded.meta.get("pairs_seen")}
     optimizer = _make_optimizer(net, config.method, opts["optimizer"], opts["lr"],
                                 opts["weight_decay"], config.momentum)
     total = config.steps
@@ -636,6 +655,7 @@ def _train(config: TrainConfig, progress: Progress | None, device: torch.device,
             scaler.load_state_dict(ck["scaler"])
         start, elapsed = int(ck["step"]), float(ck.get("elapsed", 0.0))
         last_fpr = ck.get("meta", {}).get("val_fpr95")
+        init_info = ck.get("meta", {}).get("init")
         rng_state = ck["rng"]
         ranks = rng_state.get("ranks")
         if d.active and ranks and len(ranks) == d.world_size:
@@ -678,7 +698,8 @@ def _train(config: TrainConfig, progress: Progress | None, device: torch.device,
                 "precision": header["precision"], "val_fpr95": last_fpr, "val_set": header["val"],
                 "headline": (f"val FPR95 {last_fpr:.4f}" if last_fpr is not None else ""),
                 "mr_size": mr_size, "patch_size": net_cls.patch_size, "seed": config.seed,
-                "command": config.command, "descmatch_version": _version}
+                "command": config.command, "descmatch_version": _version,
+                **({"init": init_info} if init_info else {})}
 
     def save_training(step: int) -> None:
         """Write the checkpoint (rank 0); in a data-parallel run every rank takes part: the

@@ -30,8 +30,9 @@ points of the same photo have hard negatives (similar texture, repeated structur
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -53,10 +54,14 @@ class PhotoPairConfig:
     ``scale_range``, x/y scale ratio log-uniform in ``1/(1+anisotropy) .. 1+anisotropy``,
     perspective terms uniform in ``+-perspective`` (the homogeneous coordinate changes by up to
     that fraction from the centre to an edge), translation uniform in ``+-translation`` of the
-    image size. Photometry (each image independently): contrast in ``contrast``, brightness
-    offset in ``+-brightness``, gamma log-uniform in ``gamma``, Gaussian blur (sigma in
-    ``blur_sigma``) with probability ``blur_prob``, Gaussian noise of std up to ``noise``, JPEG
-    re-encoding (quality in ``jpeg_quality``) with probability ``jpeg_prob``.
+    image size. ``max_tilt`` > 1 adds an area-preserving tilt, the affine foreshortening of a
+    camera turned away from the plane (ASIFT's tilt ``t = 1/cos(theta)``): the image is
+    stretched by ``sqrt(t)`` along a random direction and shrunk by ``sqrt(t)`` across it,
+    with ``t`` log-uniform in ``1..max_tilt``. Photometry (each image independently):
+    contrast in ``contrast``, brightness offset in ``+-brightness``, gamma log-uniform in
+    ``gamma``, Gaussian blur (sigma in ``blur_sigma``) with probability ``blur_prob``, Gaussian
+    noise of std up to ``noise``, JPEG re-encoding (quality in ``jpeg_quality``) with
+    probability ``jpeg_prob``.
     """
 
     max_side: int = 640
@@ -64,6 +69,7 @@ class PhotoPairConfig:
     scale_range: tuple[float, float] = (0.6, 1.5)
     anisotropy: float = 0.1
     perspective: float = 0.15
+    max_tilt: float = 1.0
     translation: float = 0.1
     contrast: tuple[float, float] = (0.7, 1.3)
     brightness: float = 0.1
@@ -87,6 +93,16 @@ class PhotoPairConfig:
             raise ConfigError(f"unknown pairing {self.pairing!r}; valid: {', '.join(PAIRINGS)}")
         if not 0 < self.scale_range[0] <= self.scale_range[1]:
             raise ConfigError(f"scale_range must be 0 < lo <= hi, got {self.scale_range}")
+        if not (math.isfinite(self.max_tilt) and self.max_tilt >= 1.0):
+            raise ConfigError(f"max_tilt must be a number >= 1, got {self.max_tilt}")
+
+    def settings(self) -> dict[str, Any]:
+        """The fields as a dict for pool metadata and names; ``max_tilt`` only when it tilts
+        (the field came later, and pools built before it keep their names and settings)."""
+        out = asdict(self)
+        if out["max_tilt"] == 1.0:
+            del out["max_tilt"]
+        return out
 
 
 @dataclass
@@ -129,7 +145,14 @@ def random_homography(width: int, height: int, rng: np.random.Generator,
                        [0, 0, 1]])
     rot = np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]])
     back = np.array([[1, 0, cx + tx], [0, 1, cy + ty], [0, 0, 1]])
-    h = back @ rot @ affine @ persp @ center
+    tilt = np.eye(3)
+    if conf.max_tilt > 1.0:  # drawn last, so pools without tilt keep their homographies
+        t = math.exp(rng.uniform(0.0, math.log(conf.max_tilt)))
+        phi = rng.uniform(0.0, math.pi)
+        u = np.array([math.cos(phi), math.sin(phi)])
+        v = np.array([-u[1], u[0]])
+        tilt[:2, :2] = math.sqrt(t) * np.outer(u, u) + np.outer(v, v) / math.sqrt(t)
+    h = back @ rot @ tilt @ affine @ persp @ center
     return h / h[2, 2]
 
 

@@ -36,7 +36,7 @@ import shutil
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -213,7 +213,7 @@ def build_pool(
         "sources": [str(Path(d).resolve()) for d in photo_dirs],
         "num_images": len(items), "max_images": max_images,
         "pairs_per_image": pairs_per_image, "patch_size": patch_size, "mr_size": mr_size,
-        "window_factor": window_factor, "seed": seed, "photo_conf": asdict(conf),
+        "window_factor": window_factor, "seed": seed, "photo_conf": conf.settings(),
         "chunk_images": chunk_images,
     }
     settings, parts = start_pool_build(out, settings)
@@ -778,7 +778,7 @@ def build_photo_pool_for(photo_dir: str | Path, cache_root: str | Path, patch_si
 
     conf = conf or PhotoPairConfig()
     key = json.dumps([str(Path(photo_dir).resolve()), patch_size, mr_size, window_factor,
-                      pairs_per_image, seed, max_images, asdict(conf)], sort_keys=True)
+                      pairs_per_image, seed, max_images, conf.settings()], sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:10]
     out = Path(cache_root) / f"{Path(photo_dir).resolve().name}-{patch_size}px-{digest}"
     return build_pool([photo_dir], out, pairs_per_image, patch_size, mr_size, seed, workers,
