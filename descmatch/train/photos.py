@@ -44,6 +44,8 @@ from ..images import read_image, resize_max
 from ..patches import DEFAULT_MR_SIZE, build_pyramid, extract_patches
 
 PAIRINGS = ("detected", "mapped")
+#: How :func:`map_keypoints` maps orientations (part of pool settings and names).
+ANGLE_MAP = "gradient"
 
 
 @dataclass(frozen=True)
@@ -97,12 +99,9 @@ class PhotoPairConfig:
             raise ConfigError(f"max_tilt must be a number >= 1, got {self.max_tilt}")
 
     def settings(self) -> dict[str, Any]:
-        """The fields as a dict for pool metadata and names; ``max_tilt`` only when it tilts
-        (the field came later, and pools built before it keep their names and settings)."""
-        out = asdict(self)
-        if out["max_tilt"] == 1.0:
-            del out["max_tilt"]
-        return out
+        """The fields as a dict for pool metadata and names, with how orientations are mapped
+        (pools made before orientations mapped as gradients get other names: not reused)."""
+        return {**asdict(self), "angle_map": ANGLE_MAP}
 
 
 @dataclass
@@ -146,7 +145,7 @@ def random_homography(width: int, height: int, rng: np.random.Generator,
     rot = np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]])
     back = np.array([[1, 0, cx + tx], [0, 1, cy + ty], [0, 0, 1]])
     tilt = np.eye(3)
-    if conf.max_tilt > 1.0:  # drawn last, so pools without tilt keep their homographies
+    if conf.max_tilt > 1.0:  # drawn last: without tilt, the same homographies as before
         t = math.exp(rng.uniform(0.0, math.log(conf.max_tilt)))
         phi = rng.uniform(0.0, math.pi)
         u = np.array([math.cos(phi), math.sin(phi)])
@@ -178,16 +177,24 @@ def homography_jacobian(h: np.ndarray, xy: np.ndarray) -> np.ndarray:
 
 def map_keypoints(h: np.ndarray, xy: np.ndarray, size: np.ndarray, angle: np.ndarray
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Keypoints seen through ``h``: position, size times the local scale, orientation direction
-    mapped by the local Jacobian (OpenCV degrees, y down). Also returns "in front" (w > 0).
+    """Keypoints seen through ``h``: position, size times the local scale, orientation mapped
+    as a gradient direction by the local Jacobian's inverse transpose (OpenCV degrees, y down).
+    Also returns "in front" (w > 0).
 
     Shape: xy (N,2), size, angle (N,) -> xy (N,2), size (N,), angle (N,) float32, front (N,) bool.
     """
     uv, w = apply_homography(h, xy)
     j = homography_jacobian(h, xy)
-    scale = np.sqrt(np.abs(np.linalg.det(j)))
+    det = np.linalg.det(j)
+    scale = np.sqrt(np.abs(det))
     t = np.deg2rad(np.asarray(angle, np.float64))
-    d = np.einsum("nij,nj->ni", j, np.stack([np.cos(t), np.sin(t)], 1))
+    # The orientation is a dominant gradient direction, and gradients map by J^-T (the same
+    # direction as J for a similarity; under foreshortening J would turn it the wrong way).
+    # J^-T = adj(J)^T / det: the adjugate gives the direction, det's sign the sense.
+    adj_t = np.stack([np.stack([j[:, 1, 1], -j[:, 1, 0]], 1),
+                      np.stack([-j[:, 0, 1], j[:, 0, 0]], 1)], 1)
+    d = np.einsum("nij,nj->ni", adj_t, np.stack([np.cos(t), np.sin(t)], 1))
+    d *= np.sign(np.where(det == 0, 1.0, det))[:, None]
     ang = np.rad2deg(np.arctan2(d[:, 1], d[:, 0])) % 360.0
     return (uv.astype(np.float32), (np.asarray(size) * scale).astype(np.float32),
             ang.astype(np.float32), w > 0)
