@@ -7,7 +7,8 @@ them; ``hpatches:PATH`` names one sequence or a folder of sequences. For every p
 1. DoG keypoints (:class:`~descmatch.detect.SiftDetector`, near-duplicates dropped) of image 1
    and of image i (each image detected once);
 2. the image-1 keypoints mapped by ``H_1_i`` (position, size by the local scale, orientation
-   by the local Jacobian: :func:`~descmatch.train.photos.map_keypoints`) and paired one to one
+   as a gradient, by the local Jacobian's inverse transpose:
+   :func:`~descmatch.train.photos.map_keypoints`) and paired one to one
    with detected image-i keypoints by the rules of the photos kind's detected pairing
    (:func:`~descmatch.train.photos._pair_detected`: within ``max_pair_px`` = 2 px, size within
    ``max_size_ratio`` = 1.2, orientation within ``max_angle_diff``), keeping the keypoints whose
