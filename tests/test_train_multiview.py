@@ -7,12 +7,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import cv2
+import fixtures_sfm
 import numpy as np
 import pytest
+from fixtures_sfm import Rig, look_at
 
 from descmatch.errors import InputError, OutputError
-from descmatch.examples import render_scene
 from descmatch.train.loop import DataSpec, TrainConfig, train
 from descmatch.train.multiview import (
     Camera,
@@ -30,70 +30,20 @@ from descmatch.train.multiview import (
 )
 from descmatch.train.pool import PairPool, SameImageSampler, is_pool
 
-WIDTH, HEIGHT, FOCAL = 320, 240, 260.0
-TEX = 256  # texture pixels per plane side
-SIDE = 2.0  # plane side in world units
+#: The multi-view training scenes: two walls, 320x240, an off-centre principal point.
+RIG = Rig(width=320, height=240, focal=260.0, fy_ratio=1.01, pp_offset=(3.0, -2.0), tex=256,
+          blur=0.8, floor=False, background=0.0, arc=18.0, radius=4.0, y0=0.0, y_jitter=0.15,
+          target=(0.0, 0.0, -0.6))
+WIDTH, HEIGHT, FOCAL = RIG.width, RIG.height, RIG.focal
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny work: one thread is as fast
 
 
-def _look_at(center: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """R, t of a camera at ``center`` looking at ``target``; world y points down (as image y)."""
-    z = target - center
-    z /= np.linalg.norm(z)
-    x = np.cross(np.array([0.0, 1.0, 0.0]), z)
-    x /= np.linalg.norm(x)
-    y = np.cross(z, x)
-    r = np.stack([x, y, z])
-    return r, -r @ center
-
-
-def _planes() -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Two walls of a room corner seen from inside (no plane hides another): origin, and the
-    world vectors of one texture pixel along the texture's x and y."""
-    top = np.array([0.0, -1.0, 0.0])  # the corner's top; walls are SIDE tall (y down)
-    down = np.array([0.0, 1.0, 0.0]) * SIDE / TEX
-    left = np.array([-1.0, 0.0, -1.0]) / np.sqrt(2)
-    right = np.array([1.0, 0.0, -1.0]) / np.sqrt(2)
-    # Texture x runs left to right on screen on both walls.
-    return [(top + left * SIDE, -left * SIDE / TEX, down), (top, right * SIDE / TEX, down)]
-
-
-def _render(cam: Camera, textures: list[np.ndarray]) -> np.ndarray:
-    img = np.zeros((cam.height, cam.width), np.float32)
-    for (origin, u, v), tex in zip(_planes(), textures, strict=True):
-        # Texture pixel (a, b) is the world point origin + a u + b v: H = K [R u, R v, R o + t].
-        h = cam.K @ np.stack([cam.R @ u, cam.R @ v, cam.R @ origin + cam.t], 1)
-        warped = cv2.warpPerspective(tex, h, (cam.width, cam.height), flags=cv2.INTER_LINEAR,
-                                     borderMode=cv2.BORDER_CONSTANT, borderValue=0)
-        mask = cv2.warpPerspective(np.ones_like(tex), h, (cam.width, cam.height),
-                                   flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
-        img = img * (1 - mask) + warped
-    return np.clip(img * 255 + 0.5, 0, 255).astype(np.uint8)
-
-
 def make_scene(folder: Path, num_views: int = 4, seed: int = 0) -> list[Camera]:
     """Render a room corner (two textured walls) into ``num_views`` cameras on an arc and write
     ``images/`` and ``cameras.txt``."""
-    textures = [cv2.GaussianBlur(render_scene(TEX, TEX, seed=seed + i).astype(np.float32)
-                                 / 255.0, (0, 0), 0.8) for i in range(2)]
-    k = np.array([[FOCAL, 0, (WIDTH - 1) / 2 + 3], [0, FOCAL * 1.01, (HEIGHT - 1) / 2 - 2],
-                  [0, 0, 1]])
-    (folder / "images").mkdir(parents=True, exist_ok=True)
-    cams = []
-    lines = ["# name width height fx fy cx cy r11 r12 r13 r21 r22 r23 r31 r32 r33 tx ty tz"]
-    for i, az in enumerate(np.linspace(-18, 18, num_views)):
-        a = np.radians(az)
-        center = np.array([4.0 * np.sin(a), 0.15 * (-1) ** i, -4.0 * np.cos(a)])
-        r, t = _look_at(center, np.array([0.0, 0.0, -0.6]))
-        cam = Camera(f"v{i}.png", WIDTH, HEIGHT, k, r, t)
-        cv2.imwrite(str(folder / "images" / cam.name), _render(cam, textures))
-        cams.append(cam)
-        vals = [k[0, 0], k[1, 1], k[0, 2], k[1, 2], *r.ravel(), *t]
-        lines.append(f"{cam.name} {WIDTH} {HEIGHT} " + " ".join(f"{v:.10g}" for v in vals))
-    (folder / "cameras.txt").write_text("\n".join(lines) + "\n")
-    return cams
+    return fixtures_sfm.make_scene(folder, num_views, seed, rig=RIG)
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +117,7 @@ def test_epipolar_and_triangulation_geometry() -> None:
     k = np.array([[300.0, 0, 160], [0, 310, 120], [0, 0, 1]])
     cams = []
     for i in range(3):
-        r, t = _look_at(np.array([1.5 * i - 1.5, 0.3 * i, -5.0]), np.zeros(3))
+        r, t = look_at(np.array([1.5 * i - 1.5, 0.3 * i, -5.0]), np.zeros(3))
         cams.append(Camera(f"c{i}", 320, 240, k, r, t))
     xyz = rng.uniform(-1, 1, (50, 3))
     pix = [c.project(xyz)[0] for c in cams]
