@@ -682,16 +682,7 @@ class MultiviewPairPool(PairPool):
             raise ValueError("view offsets must give every point >= 2 views and cover them")
         p = views.shape[-1]
         self.pairs = pairs if pairs is not None else np.zeros((0, 2, p, p), np.uint8)
-        self.meta = dict(meta or {})
-        self.name = name
-        n = len(self.view_offsets) - 1
-        self.point_rows = (np.arange(n, dtype=np.int64) if point_rows is None
-                           else np.asarray(point_rows, np.int64))
-        self.group_offsets = None if group_offsets is None else np.asarray(group_offsets,
-                                                                           np.int64)
-        if self.group_offsets is not None and self.group_offsets[-1] != len(self.point_rows):
-            raise ValueError("group offsets do not cover the points")
-        self.crop: int | None = None
+        self._init_points(len(self.view_offsets) - 1, group_offsets, meta, name, point_rows)
 
     @classmethod
     def load(cls, path: str | Path) -> MultiviewPairPool:

@@ -315,9 +315,16 @@ class PairPool:
         if pairs.ndim != 4 or pairs.shape[1] != 2 or pairs.shape[2] != pairs.shape[3]:
             raise ValueError(f"pairs must be (K,2,P,P), got {pairs.shape}")
         self.pairs = pairs
+        self._init_points(len(pairs), group_offsets, meta, name, point_rows)
+
+    def _init_points(self, rows: int, group_offsets: np.ndarray | None,
+                     meta: dict[str, Any] | None, name: str,
+                     point_rows: np.ndarray | None) -> None:
+        """Points (``point_rows``, default all ``rows`` rows of the backing array), groups,
+        meta, name; no crop."""
         self.meta = dict(meta or {})
         self.name = name
-        self.point_rows = (np.arange(len(pairs), dtype=np.int64) if point_rows is None
+        self.point_rows = (np.arange(rows, dtype=np.int64) if point_rows is None
                            else np.asarray(point_rows, np.int64))
         self.group_offsets = None if group_offsets is None else np.asarray(group_offsets,
                                                                            np.int64)
