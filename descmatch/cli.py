@@ -398,6 +398,11 @@ def train_cmd(
     max_tilt: Annotated[float, typer.Option("--max-tilt", min=1.0, help="Photo sources: add "
                         "random camera tilts (affine foreshortening) up to this factor to the "
                         "homographies (1 = none).")] = 1.0,
+    pair_angle: Annotated[float, typer.Option("--pair-angle", help="Photo and HPatches "
+                          "sources: pair detected keypoints whose orientations differ by at "
+                          "most this many degrees from the mapped ones.")] = 30.0,
+    pair_scale: Annotated[float, typer.Option("--pair-scale", help="... and whose sizes "
+                          "differ by at most this ratio.")] = 1.2,
 ) -> None:
     """Train a descriptor net (L2-Net, HardNet, SOSNet objectives) with checkpoints and
     validation FPR95; writes <out>/<method>.pt, loadable with --weights.
@@ -423,7 +428,8 @@ def train_cmd(
         mr_size=mr_size, pairs_per_image=pairs_per_image, max_images=max_images,
         pool_workers=workers, sampler=sampler, p1_fraction=p1_fraction,
         mine_every=mine_every, mine_points=mine_points, mine_group=mine_group or None,
-        init=init, max_tilt=max_tilt, command="descmatch " + " ".join(sys.argv[1:]))
+        init=init, max_tilt=max_tilt, pair_max_angle=pair_angle, pair_max_scale=pair_scale,
+        command="descmatch " + " ".join(sys.argv[1:]))
     with _progress(f"train {method}") as cb:
         path = train(cfg, progress=cb)
     _say(f"wrote {path}")

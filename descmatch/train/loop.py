@@ -173,7 +173,9 @@ class TrainConfig:
     ``mine_every``, ``mine_points``, ``mine_group`` (hard-negative; None: one group per batch)
     composes the batches. ``init`` (a weights file or shipped name of the same method) starts
     the net from trained weights instead of random ones (fine-tuning). ``max_tilt`` > 1 adds
-    random camera tilts up to that factor to the homographies of photo sources
+    random camera tilts up to that factor to the homographies of photo sources;
+    ``pair_max_angle`` (degrees) and ``pair_max_scale`` (size ratio) bound how far the frames
+    of a detected photo or HPatches pair may disagree
     (:class:`~descmatch.train.photos.PhotoPairConfig`). ``rank``/``world_size`` are set from the
     environment under torchrun.
     """
@@ -220,6 +222,8 @@ class TrainConfig:
     net_conf: dict[str, Any] = field(default_factory=dict)
     init: str | None = None
     max_tilt: float = 1.0
+    pair_max_angle: float = 30.0
+    pair_max_scale: float = 1.2
     command: str = ""
     rank: int = 0
     world_size: int = 1
@@ -247,6 +251,11 @@ class TrainConfig:
         if self.sampler not in SAMPLERS:
             raise ConfigError(f"unknown sampler {self.sampler!r}; valid: {', '.join(SAMPLERS)}")
         return {"loss": loss, "optimizer": opt, "lr": float(lr), "weight_decay": float(wd)}
+
+    def photo_conf(self) -> PhotoPairConfig:
+        """How photo (and HPatches) pairs are made."""
+        return PhotoPairConfig(max_tilt=self.max_tilt, max_angle_diff=self.pair_max_angle,
+                               max_size_ratio=self.pair_max_scale)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -355,7 +364,7 @@ def _open_source(spec: DataSpec, net_cls: type[DescriptorNet], config: TrainConf
         out = build_photo_pool_for(spec.path, Path(config.out_dir) / "pools",
                                    net_cls.patch_size, config.mr_size, net_cls.window_factor,
                                    config.pairs_per_image, config.seed, config.pool_workers,
-                                   cb, conf=PhotoPairConfig(max_tilt=config.max_tilt),
+                                   cb, conf=config.photo_conf(),
                                    max_images=config.max_images)
         return _fit_pool(PairPool.load(out), net_cls, config, mr_sizes)
     if spec.kind == "multiview":
@@ -383,7 +392,7 @@ def _open_source(spec: DataSpec, net_cls: type[DescriptorNet], config: TrainConf
             out = build_hpatches_pool_for(spec.path, Path(config.out_dir) / "pools",
                                           net_cls.patch_size, config.mr_size,
                                           net_cls.window_factor, config.pairs_per_image,
-                                          config.seed, cb_hp)
+                                          config.seed, cb_hp, conf=config.photo_conf())
         return _fit_pool(PairPool.load(out), net_cls, config, mr_sizes)
     raise ConfigError(f"unknown data kind {spec.kind!r}; valid: {', '.join(DATA_KINDS)}")
 

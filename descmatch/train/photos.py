@@ -97,6 +97,9 @@ class PhotoPairConfig:
             raise ConfigError(f"scale_range must be 0 < lo <= hi, got {self.scale_range}")
         if not (math.isfinite(self.max_tilt) and self.max_tilt >= 1.0):
             raise ConfigError(f"max_tilt must be a number >= 1, got {self.max_tilt}")
+        if not (self.max_size_ratio > 1.0 and 0.0 < self.max_angle_diff <= 180.0):
+            raise ConfigError("pairs need max_size_ratio > 1 and 0 < max_angle_diff <= 180, got "
+                              f"{self.max_size_ratio} and {self.max_angle_diff}")
 
     def settings(self) -> dict[str, Any]:
         """The fields as a dict for pool metadata and names, with how orientations are mapped
