@@ -471,17 +471,20 @@ def eval_homography(
     for seq in sequences:
         rows += evaluate_homography(seq, describer, detector, None if ratio >= 1 else ratio,
                                     mutual, _device(device))
-    table = Table("sequence", "pair", "matches", "correct@3", "possible@3",
+    table = Table("sequence", "pair", "matches", "correct@3", "possible@3", "framed@3",
                   *[f"MMA@{t}" for t in THRESHOLDS], "H err px",
                   title=f"{describer.name}, {max_keypoints} keypoints",
                   caption="possible@3: the most one-to-one matches these keypoints allow "
-                  "within 3 px (no descriptor can find more)")
+                  "within 3 px (no descriptor can find more); framed@3: of those, with "
+                  "orientations within 30 degrees and sizes within 1.5x")
     for r in rows:
         table.add_row(r.sequence, r.pair, str(r.matches), str(r.correct[3]), str(r.possible),
-                      *[f"{r.mma(t):.3f}" for t in THRESHOLDS], f"{r.corner_error:.2f}")
+                      str(r.framed), *[f"{r.mma(t):.3f}" for t in THRESHOLDS],
+                      f"{r.corner_error:.2f}")
     m = sum(r.matches for r in rows)
     c = {t: sum(r.correct[t] for r in rows) for t in THRESHOLDS}
     table.add_row("all", "", str(m), str(c[3]), str(sum(r.possible for r in rows)),
+                  str(sum(r.framed for r in rows)),
                   *[f"{c[t] / max(m, 1):.3f}" for t in THRESHOLDS],
                   " ".join(f"{sum(r.corner_error <= t for r in rows)}/{len(rows)}@{t}"
                            for t in (1, 3, 5)))
@@ -491,7 +494,7 @@ def eval_homography(
             "method": describer.name, "weights": describer.meta.get("weights", ""),
             "max_keypoints": max_keypoints, "ratio": ratio, "mutual": mutual,
             "rows": [{"sequence": r.sequence, "pair": r.pair, "matches": r.matches,
-                      "correct": r.correct, "possible@3": r.possible,
+                      "correct": r.correct, "possible@3": r.possible, "framed@3": r.framed,
                       "corner_error": r.corner_error} for r in rows],
         }, indent=1))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,16 +50,36 @@ def score_homography(kp0: np.ndarray, kp1: np.ndarray, matches0: np.ndarray,
     return PairScore(len(i0), {t: int((err <= t).sum()) for t in thresholds})
 
 
+#: Frames (orientation, size) of two keypoints agree when the mapped orientation is within
+#: this many degrees and the mapped size within this ratio (``framed@3``).
+FRAME_ANGLE, FRAME_SCALE = 30.0, 1.5
+
+
 def possible_correspondences(kp0: np.ndarray, kp1: np.ndarray, h: np.ndarray,
-                             threshold: float = 3.0) -> int:
+                             threshold: float = 3.0,
+                             frames: tuple[np.ndarray, ...] | None = None) -> int:
     """The most one-to-one matches that can be correct at ``threshold`` px with these
     keypoints: a maximum bipartite matching between image-0 keypoints (mapped by ``h``) and
     image-1 keypoints within the threshold. No descriptor can find more mutual matches
     correct at that threshold, so correct/possible says how close a descriptor is to the
-    detector's ceiling. Shape: kp0 (N0,2), kp1 (N1,2)."""
+    detector's ceiling.
+
+    ``frames`` = (size0, angle0, size1, angle1) also requires the frames to agree: the
+    image-0 orientation mapped as a gradient (:func:`~descmatch.train.photos.map_keypoints`)
+    within :data:`FRAME_ANGLE` degrees and the mapped size within :data:`FRAME_SCALE` x of the
+    image-1 keypoint's. Patches cut in disagreeing frames show the point rotated or scaled,
+    so this is the ceiling of a descriptor of oriented patches that is not invariant beyond.
+
+    Shape: kp0 (N0,2), kp1 (N1,2); frames (N0,), (N0,), (N1,), (N1,)."""
     if len(kp0) == 0 or len(kp1) == 0:
         return 0
     p0 = project(h, kp0)
+    if frames is not None:
+        from .train.photos import map_keypoints
+
+        size0, angle0, size1, angle1 = (np.asarray(f, np.float64) for f in frames)
+        _, m_size, m_angle, _ = map_keypoints(h, kp0, size0, angle0)
+        log_scale = math.log(FRAME_SCALE)
     cell = max(threshold, 1e-6)
     grid: dict[tuple[int, int], list[int]] = {}
     for j, (x, y) in enumerate(np.floor(kp1 / cell).astype(np.int64).tolist()):
@@ -74,7 +95,12 @@ def possible_correspondences(kp0: np.ndarray, kp1: np.ndarray, h: np.ndarray,
                 for j in grid.get((cx + dx, cy + dy), ())]
         if cand:
             d = np.linalg.norm(kp1[cand] - p0[i], axis=1)
-            cand = [cand[k] for k in np.argsort(d) if d[k] <= threshold]
+            ok = d <= threshold
+            if frames is not None:
+                c = np.asarray(cand)
+                da = np.abs((angle1[c] - m_angle[i] + 180.0) % 360.0 - 180.0)
+                ok &= (da <= FRAME_ANGLE) & (np.abs(np.log(size1[c] / m_size[i])) <= log_scale)
+            cand = [cand[k] for k in np.argsort(d) if ok[k]]
         adj.append(cand)
     match1 = [-1] * len(kp1)
     for i in range(len(p0)):  # augmenting paths (Kuhn), iterative: few edges per keypoint
@@ -120,6 +146,7 @@ class HomographyRow:
     correct: dict[int, int]
     corner_error: float
     possible: int = 0  # the most matches these keypoints allow correct at 3 px
+    framed: int = 0  # ... of keypoints whose frames also agree (possible_correspondences)
 
     def mma(self, t: int) -> float:
         return self.correct[t] / self.matches if self.matches else 0.0
@@ -171,8 +198,11 @@ def evaluate_homography(seq: str | Path, describer: Any, detector: Any,
         i0 = np.nonzero(m_np >= 0)[0]
         h_est, _ = verify(k0.xy[i0], k1.xy[m_np[i0]], "homography")
         err = homography_corner_error(h_est, h_true, w0, h0)
-        rows.append(HomographyRow(seq.name, f"1-{i + 1}", s.matches, s.correct, err,
-                                  possible_correspondences(k0.xy, k1.xy, h_true, 3.0)))
+        rows.append(HomographyRow(
+            seq.name, f"1-{i + 1}", s.matches, s.correct, err,
+            possible_correspondences(k0.xy, k1.xy, h_true, 3.0),
+            possible_correspondences(k0.xy, k1.xy, h_true, 3.0,
+                                     (k0.size, k0.angle, k1.size, k1.angle))))
     return rows
 
 

@@ -43,6 +43,7 @@ def test_homography_eval_scores_against_the_truth(sequence: Path) -> None:
         assert r.correct[1] <= r.correct[3] <= r.correct[10] <= r.matches
         assert r.corner_error < 3.0
         assert r.correct[3] <= r.possible <= 500  # mutual matches are one-to-one
+        assert 0.5 * r.possible < r.framed <= r.possible  # a small viewpoint change
 
 
 def test_homography_eval_detects_a_wrong_homography(sequence: Path, tmp_path: Path) -> None:
@@ -64,6 +65,8 @@ def test_eval_homography_cli_writes_json(sequence: Path, tmp_path: Path) -> None
     data = json.loads(out.read_text())
     assert data["method"] == "rootsift" and len(data["rows"]) == 2
     assert "possible@3" in res.output and data["rows"][0]["possible@3"] > 0
+    assert "framed@3" in res.output and 0 < data["rows"][0]["framed@3"] <= data["rows"][0][
+        "possible@3"]
 
 
 def brute_force_matching(ok: np.ndarray) -> int:
@@ -89,6 +92,18 @@ def test_possible_correspondences_is_a_maximum_one_to_one_matching() -> None:
         ok = (np.linalg.norm(pa[:, None] - b[None], axis=2) <= 1.5 if len(a) and len(b)
               else np.zeros((len(a), len(b)), bool))
         assert possible_correspondences(a, b, shift, 1.5) == brute_force_matching(ok)
+    # With frames: an edge also needs the orientations within 30 degrees (as gradients map;
+    # under the shift they stay) and the sizes within 1.5x.
+    for _ in range(60):
+        a = rng.uniform(0, 6, (int(rng.integers(1, 6)), 2))
+        b = rng.uniform(0, 6, (int(rng.integers(1, 6)), 2))
+        sa, sb = rng.uniform(1, 3, len(a)), rng.uniform(1, 3, len(b))
+        ta, tb = rng.uniform(0, 360, len(a)), rng.uniform(0, 360, len(b))
+        near = np.linalg.norm(a[:, None] + [0.5, -0.25] - b[None], axis=2) <= 1.5
+        dang = np.abs((tb[None] - ta[:, None] + 180) % 360 - 180)
+        same = (dang <= 30) & (np.abs(np.log(sb[None] / sa[:, None])) <= np.log(1.5))
+        assert (possible_correspondences(a, b, shift, 1.5, (sa, ta, sb, tb))
+                == brute_force_matching(near & same))
     # A greedy nearest choice would take (0 -> 0) and leave point 1 without a partner.
     a = np.array([[0.0, 0.0], [2.0, 0.0]])
     b = np.array([[1.0, 0.0], [-1.0, 0.0]])
