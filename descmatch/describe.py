@@ -131,6 +131,23 @@ class NetDescriber:
             return np.zeros((0, self.dim), np.float32)
         return self.describe_patches(self.patches(image, kps)).cpu().numpy()
 
+    @property
+    def pack_patches(self) -> int:
+        """How many patches :func:`~descmatch.extract.extract` gathers across images before
+        calling the net: on CUDA a full batch, so images with few keypoints still fill the
+        device; on the CPU 0 (per image: batches of 256 fill the cores already)."""
+        return self.batch_size if self.device.type == "cuda" else 0
+
+    def describe_many(self, items: list[tuple[np.ndarray, Keypoints]]) -> list[np.ndarray]:
+        """Several images in one pass of the net: their patches cut per image, described
+        together in batches of ``batch_size``, split back. Shape: -> [(N_i,D) float32]."""
+        counts = [len(k) for _, k in items]
+        cut = [self.patches(img, k) for img, k in items if len(k)]
+        if not cut:
+            return [np.zeros((0, self.dim), np.float32) for _ in items]
+        desc = self.describe_patches(torch.cat(cut)).cpu().numpy()
+        return list(np.split(desc, np.cumsum(counts)[:-1]))
+
 
 def method_choices() -> list[str]:
     return ["auto", *CLASSICAL, *NETS]

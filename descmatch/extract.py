@@ -160,36 +160,66 @@ def _extract(images: ImageList, out: Path, describer: Describer | None, detector
         if d.active:
             log.info("rank %d of %d: %d of %d images", d.rank, d.world_size, len(todo),
                      len(pending))
-        for i, item in enumerate(_prefetch(images, todo, detector, max_side, prefetch)):
+        pack = int(getattr(describer, "pack_patches", 0) or 0)
+        held: list[_Loaded] = []  # loaded images waiting for one net call (pack > 0)
+        done = 0
+
+        def finish(batch: list[_Loaded]) -> None:
+            nonlocal done
+            descs: list[np.ndarray | None] = [None] * len(batch)
+            if describer is not None:
+                td = time.perf_counter()
+                if len(batch) > 1:
+                    descs = list(describer.describe_many(  # type: ignore[attr-defined]
+                        [(b.image, b.kps) for b in batch]))
+                else:
+                    descs = [describer(batch[0].image, batch[0].kps)]
+                result.describe_seconds += time.perf_counter() - td
+            for item, desc in zip(batch, descs, strict=True):
+                _write(writer, item, desc, half, result)
+                done += 1
+                if progress:
+                    progress(done, len(todo), item.name)
+
+        for item in _prefetch(images, todo, detector, max_side, prefetch):
             result.load_seconds += item.seconds
             if item.error is not None:
                 if strict:
                     raise ImageReadError(item.error)
                 log.warning("skipped: %s", item.error)
                 result.failed.append((item.name, item.error))
-            else:
-                assert item.kps is not None and item.image is not None
-                kps = item.kps
-                data: dict[str, np.ndarray] = {}
-                if describer is not None:
-                    td = time.perf_counter()
-                    desc = describer(item.image, kps)
-                    result.describe_seconds += time.perf_counter() - td
-                    desc_t = desc.T.astype(np.float16 if half else np.float32)
-                    data["descriptors"] = np.ascontiguousarray(desc_t)
-                sx, sy = item.scale
-                full = kps.scaled(1.0 / sx, 1.0 / sy) if (sx, sy) != (1.0, 1.0) else kps
-                data.update({
-                    "keypoints": full.xy.astype(np.float32),
-                    "scores": full.response.astype(np.float32),
-                    "scales": full.size.astype(np.float32),
-                    "oris": full.angle.astype(np.float32),
-                    "image_size": np.array(item.size, np.int32),
-                })
-                tw = time.perf_counter()
-                writer.write(item.name, data)
-                result.write_seconds += time.perf_counter() - tw
-                result.images += 1
-                result.keypoints += len(kps)
-            if progress:
-                progress(i + 1, len(todo), item.name)
+                done += 1
+                if progress:
+                    progress(done, len(todo), item.name)
+                continue
+            held.append(item)
+            if sum(len(h.kps) for h in held) >= pack:  # type: ignore[arg-type]
+                finish(held)
+                held = []
+        if held:
+            finish(held)
+
+
+def _write(writer: Writer, item: _Loaded, desc: np.ndarray | None, half: bool,
+           result: ExtractResult) -> None:
+    """One image's keypoints (in original pixels) and descriptors into the features file."""
+    assert item.kps is not None
+    kps = item.kps
+    data: dict[str, np.ndarray] = {}
+    if desc is not None:
+        desc_t = desc.T.astype(np.float16 if half else np.float32)
+        data["descriptors"] = np.ascontiguousarray(desc_t)
+    sx, sy = item.scale
+    full = kps.scaled(1.0 / sx, 1.0 / sy) if (sx, sy) != (1.0, 1.0) else kps
+    data.update({
+        "keypoints": full.xy.astype(np.float32),
+        "scores": full.response.astype(np.float32),
+        "scales": full.size.astype(np.float32),
+        "oris": full.angle.astype(np.float32),
+        "image_size": np.array(item.size, np.int32),
+    })
+    tw = time.perf_counter()
+    writer.write(item.name, data)
+    result.write_seconds += time.perf_counter() - tw
+    result.images += 1
+    result.keypoints += len(kps)

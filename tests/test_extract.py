@@ -260,6 +260,33 @@ def test_checkpoint_loads_and_extracts(hardnet_ckpt: Path, scene_dir: Path,
                                atol=1e-4)
 
 
+@pytest.mark.parametrize("pack", [0, 200, 10**6])
+def test_images_packed_into_one_net_call_give_the_same_file(
+        hardnet_ckpt: Path, scene_dir: Path, tmp_path: Path, pack: int,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # The CUDA path gathers images until a batch is full; forced here on the CPU: 0 (one net
+    # pass per image), 200 (two images of 150 keypoints per pass), everything in one pass.
+    describer = build_describer("hardnet", weights=str(hardnet_ckpt), precision="fp32")
+    assert describer.pack_patches == 0  # the CPU default  # type: ignore[attr-defined]
+    ref = tmp_path / "ref.h5"
+    run_extract(scene_dir, ref, describer, max_keypoints=150)
+    monkeypatch.setattr(NetDescriber, "pack_patches", pack)
+    passes: list[int] = []
+    real = NetDescriber.describe_patches
+    monkeypatch.setattr(NetDescriber, "describe_patches",
+                        lambda self, p: passes.append(len(p)) or real(self, p))
+    seen: list[tuple[int, int, str]] = []
+    out = tmp_path / "packed.h5"
+    res = run_extract(scene_dir, out, describer, max_keypoints=150,
+                      progress=lambda i, n, name: seen.append((i, n, name)))
+    assert passes == {0: [150, 150, 150], 200: [300, 150], 10**6: [450]}[pack]
+    assert res.images == 3 and [s[:2] for s in seen] == [(1, 3), (2, 3), (3, 3)]
+    for key in ("img0.png", "img1.png", "img2.png"):
+        a, b = read_features(ref, key), read_features(out, key)
+        np.testing.assert_array_equal(a["keypoints"], b["keypoints"])
+        np.testing.assert_allclose(a["descriptors"], b["descriptors"], atol=1e-5)
+
+
 def test_checkpoint_mr_size_is_used(ckpt_dir: Path) -> None:
     ckpt = ckpt_dir / "sos.pt"
     assert build_describer("sosnet", weights=str(ckpt)).mr_size == 7.5
