@@ -399,10 +399,11 @@ def train_cmd(
                         "random camera tilts (affine foreshortening) up to this factor to the "
                         "homographies (1 = none).")] = 1.0,
     pair_angle: Annotated[float, typer.Option("--pair-angle", help="Photo and HPatches "
-                          "sources: pair detected keypoints whose orientations differ by at "
-                          "most this many degrees from the mapped ones.")] = 30.0,
-    pair_scale: Annotated[float, typer.Option("--pair-scale", help="... and whose sizes "
-                          "differ by at most this ratio.")] = 1.2,
+                          "sources: a detected keypoint pairs with a mapped one whose "
+                          "orientation is at most this many degrees away.")] = 30.0,
+    pair_scale: Annotated[float, typer.Option("--pair-scale", help="Photo and HPatches "
+                          "sources: ... and whose size differs by at most this "
+                          "ratio.")] = 1.2,
 ) -> None:
     """Train a descriptor net (L2-Net, HardNet, SOSNet objectives) with checkpoints and
     validation FPR95; writes <out>/<method>.pt, loadable with --weights.

@@ -162,7 +162,7 @@ def _extract(images: ImageList, out: Path, describer: Describer | None, detector
                      len(pending))
         pack = int(getattr(describer, "pack_patches", 0) or 0)
         held: list[_Loaded] = []  # loaded images waiting for one net call (pack > 0)
-        done = 0
+        held_kps = done = 0
 
         def finish(batch: list[_Loaded]) -> None:
             nonlocal done
@@ -193,9 +193,10 @@ def _extract(images: ImageList, out: Path, describer: Describer | None, detector
                     progress(done, len(todo), item.name)
                 continue
             held.append(item)
-            if sum(len(h.kps) for h in held) >= pack:  # type: ignore[arg-type]
+            held_kps += len(item.kps)  # type: ignore[arg-type]
+            if held_kps >= pack:
                 finish(held)
-                held = []
+                held, held_kps = [], 0
         if held:
             finish(held)
 
