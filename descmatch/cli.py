@@ -402,8 +402,8 @@ def train_cmd(
                           "sources: a detected keypoint pairs with a mapped one whose "
                           "orientation is at most this many degrees away.")] = 30.0,
     pair_scale: Annotated[float, typer.Option("--pair-scale", help="Photo and HPatches "
-                          "sources: ... and whose size differs by at most this "
-                          "ratio.")] = 1.2,
+                          "sources: the largest ratio between the sizes of a detected and a "
+                          "mapped keypoint that pair.")] = 1.2,
 ) -> None:
     """Train a descriptor net (L2-Net, HardNet, SOSNet objectives) with checkpoints and
     validation FPR95; writes <out>/<method>.pt, loadable with --weights.
