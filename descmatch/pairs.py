@@ -20,6 +20,31 @@ def sequential(names: list[str], k: int) -> list[tuple[str, str]]:
             for j in range(i + 1, min(len(names), i + 1 + k))]
 
 
+def _split_pair(line: str, known: set[str] | None) -> tuple[str, str] | None:
+    """The two names of a pairs-file line. hloc's format separates them by whitespace; a
+    name that contains spaces is written with a tab between the two (:func:`format_pair`),
+    and with ``known`` names an untabbed line splits where both halves are known names.
+    None when the line has fewer than two names."""
+    if "\t" in line:
+        parts = [p.strip() for p in line.split("\t") if p.strip()]
+        return (parts[0], parts[1]) if len(parts) >= 2 else None
+    parts = line.split()
+    if len(parts) < 2:
+        return None
+    if known is not None and len(parts) > 2 and not (parts[0] in known and parts[1] in known):
+        for k in range(1, len(parts)):
+            a, b = " ".join(parts[:k]), " ".join(parts[k:])
+            if a in known and b in known:
+                return a, b
+    return parts[0], parts[1]
+
+
+def format_pair(a: str, b: str) -> str:
+    """One pairs-file line: ``a b`` as hloc writes it, ``a<TAB>b`` when a name has spaces."""
+    sep = "\t" if any(c.isspace() for c in a + b) else " "
+    return f"{a}{sep}{b}\n"
+
+
 def read_pairs(path: str | Path, known: set[str] | None = None) -> list[tuple[str, str]]:
     """Read a pairs file; with ``known``, every name must be one of them."""
     path = Path(path)
@@ -28,15 +53,18 @@ def read_pairs(path: str | Path, known: set[str] | None = None) -> list[tuple[st
     pairs: list[tuple[str, str]] = []
     seen: set[tuple[str, str]] = set()
     for i, line in enumerate(path.read_text().splitlines(), 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
+        if not line.strip() or line.lstrip().startswith("#"):
             continue
-        parts = line.split()
-        if len(parts) < 2:
-            raise InputError(f"{path}:{i}: expected two image names, got {line!r}")
-        a, b = parts[0], parts[1]
+        pair = _split_pair(line.strip("\r\n "), known)
+        if pair is None:
+            raise InputError(f"{path}:{i}: expected two image names, got {line.strip()!r}")
+        a, b = pair
         if known is not None:
             for n in (a, b):
+                if n not in known and len(line.split()) > 2 and "\t" not in line:
+                    raise InputError(f"{path}:{i}: {line.strip()!r} is not two image names "
+                                     "of the features file (separate names with spaces by a "
+                                     "tab)")
                 if n not in known:
                     raise InputError(f"{path}:{i}: image {n!r} is not in the features file")
         if a == b:
@@ -65,7 +93,7 @@ def write_pairs(path: str | Path, pairs: list[tuple[str, str]]) -> Path:
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:
-        tmp.write_text("".join(f"{a} {b}\n" for a, b in pairs))
+        tmp.write_text("".join(format_pair(a, b) for a, b in pairs))
         os.replace(tmp, path)
     except OSError as e:
         raise OutputError(f"{path}: cannot write ({e.strerror})") from None
@@ -158,7 +186,7 @@ def write_pairs_commented(path: str | Path, pairs: list[tuple[str, str]], commen
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:
-        tmp.write_text(f"# {comment}\n" + "".join(f"{a} {b}\n" for a, b in pairs))
+        tmp.write_text(f"# {comment}\n" + "".join(format_pair(a, b) for a, b in pairs))
         os.replace(tmp, path)
     except OSError as e:
         raise OutputError(f"{path}: cannot write ({e.strerror})") from None

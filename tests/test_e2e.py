@@ -126,3 +126,37 @@ def test_two_image_mode_inliers(example_dir: Path) -> None:
     assert found, res.output
     matches, inliers = int(found.group(1)), int(found.group(2))
     assert matches > 200 and inliers >= 0.85 * matches
+
+
+def test_names_with_spaces_round_trip(example_dir: Path, tmp_path: Path) -> None:
+    """Image names with spaces survive features.h5, the pairs file `match` writes, and a
+    second `match` that reads it back; an untabbed hloc-style line splits at known names."""
+    imgs = tmp_path / "my images"
+    imgs.mkdir()
+    for src, dst in (("view1.jpg", "IMG 001.jpg"), ("view2.jpg", "IMG 002.jpg"),
+                     ("view3.jpg", "plain.jpg")):
+        (imgs / dst).write_bytes((example_dir / src).read_bytes())
+    runner = CliRunner()
+    feats, pairs, m1, m2 = (tmp_path / n for n in ("f.h5", "pairs.txt", "m1.h5", "m2.h5"))
+    res = runner.invoke(app, ["extract", str(imgs), str(feats), "-m", "rootsift",
+                              "--max-keypoints", "300"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["match", str(feats), str(m1), "--pairs-out", str(pairs)])
+    assert res.exit_code == 0, res.output
+    lines = pairs.read_text().splitlines()
+    assert "IMG 001.jpg\tIMG 002.jpg" in lines and "IMG 001.jpg\tplain.jpg" in lines
+    res = runner.invoke(app, ["match", str(feats), str(m2), "--pairs", str(pairs)])
+    assert res.exit_code == 0, res.output
+    a, _ = read_matches(m1, "IMG 001.jpg", "IMG 002.jpg")
+    b, _ = read_matches(m2, "IMG 001.jpg", "IMG 002.jpg")
+    assert (a >= 0).sum() > 100 and np.array_equal(a, b)
+
+    hloc = tmp_path / "hloc.txt"
+    hloc.write_text("IMG 002.jpg plain.jpg\nplain.jpg IMG 001.jpg\n")
+    res = runner.invoke(app, ["match", str(feats), str(m2), "--pairs", str(hloc)])
+    assert res.exit_code == 0, res.output
+    assert (read_matches(m2, "IMG 002.jpg", "plain.jpg")[0] >= 0).sum() > 50
+    hloc.write_text("IMG 002.jpg other.jpg\n")
+    res = runner.invoke(app, ["match", str(feats), str(m2), "--pairs", str(hloc)])
+    assert res.exit_code != 0 and "hloc.txt:1: 'IMG 002.jpg other.jpg' is not two" in str(
+        res.exception)
