@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from .errors import InputError
+from .geometry import map_keypoints, project  # noqa: F401  (project: part of this API)
 
 THRESHOLDS = (1, 2, 3, 5, 10)
 
@@ -23,12 +24,6 @@ def read_homography(path: str | Path) -> np.ndarray:
     if h.shape != (3, 3):
         raise InputError(f"{path}: expected 3x3 numbers, got shape {h.shape}")
     return h
-
-
-def project(h: np.ndarray, xy: np.ndarray) -> np.ndarray:
-    """Shape: h (3,3), xy (N,2) -> (N,2)."""
-    p = np.concatenate([xy.astype(np.float64), np.ones((len(xy), 1))], 1) @ h.T
-    return p[:, :2] / p[:, 2:3]
 
 
 @dataclass
@@ -65,7 +60,7 @@ def possible_correspondences(kp0: np.ndarray, kp1: np.ndarray, h: np.ndarray,
     detector's ceiling.
 
     ``frames`` = (size0, angle0, size1, angle1) also requires the frames to agree: the
-    image-0 orientation mapped as a gradient (:func:`~descmatch.train.photos.map_keypoints`)
+    image-0 orientation mapped as a gradient (:func:`~descmatch.geometry.map_keypoints`)
     within :data:`FRAME_ANGLE` degrees and the mapped size within :data:`FRAME_SCALE` x of the
     image-1 keypoint's. Patches cut in disagreeing frames show the point rotated or scaled,
     so this is the ceiling of a descriptor of oriented patches that is not invariant beyond.
@@ -75,8 +70,6 @@ def possible_correspondences(kp0: np.ndarray, kp1: np.ndarray, h: np.ndarray,
         return 0
     p0 = project(h, kp0)
     if frames is not None:
-        from .train.photos import map_keypoints
-
         size0, angle0, size1, angle1 = (np.asarray(f, np.float64) for f in frames)
         _, m_size, m_angle, _ = map_keypoints(h, kp0, size0, angle0)
         log_scale = math.log(FRAME_SCALE)
