@@ -144,8 +144,13 @@ def extract_patches(
     mr_size: float = DEFAULT_MR_SIZE,
     window_factor: float = 1.0,
     pyramid: list[torch.Tensor] | None = None,
+    shape: np.ndarray | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sample one patch per keypoint.
+
+    ``shape`` (N,2,2), determinant 1, makes the window an ellipse: patch offsets r map to
+    image offsets ``k * shape @ R(angle) @ r`` (an affine frame; ``angle`` is then measured in
+    the normalised frame).
 
     ``window_factor`` widens the window (the central-surround net sees twice the window).
     Coordinates: pixel centres at integers. Angle: degrees, OpenCV's convention.
@@ -206,7 +211,11 @@ def extract_patches(
     kn = k[:, None] * norm
     # As complex numbers (x + iy): grid[n, i, j] = u[n, j] + v[n, i] with u[n, j] = c[n] +
     # a[n] r_j and v[n, i] = b[n] r_i, c the centre, a and b the patch axes (normalised).
-    ab = torch.stack([torch.stack([cos, sin], 1) * kn, torch.stack([-sin, cos], 1) * kn], 1)
+    axes = torch.stack([torch.stack([cos, sin], 1), torch.stack([-sin, cos], 1)], 1)  # (N,2,2)
+    if shape is not None:  # each axis (a row) through the affine shape
+        shp = torch.as_tensor(shape, dtype=torch.float32, device=device).reshape(n, 2, 2)
+        axes = axes @ shp.transpose(1, 2)
+    ab = axes * kn[:, None, :]
     c0 = torch.zeros_like(ab)
     c0[:, 0] = (centre + lvl_org) * norm + shift
     uv = torch.addcmul(torch.view_as_complex(c0)[:, :, None],
@@ -215,7 +224,7 @@ def extract_patches(
     # Patches reaching past the margin (keypoint off the image, or a window too large for
     # the top level) get their samples clamped to the level, as "border" padding does (NaN
     # positions too: a sample stays finite).
-    half = (k * (0.5 * (patch_size - 1) / patch_size) * (cos.abs() + sin.abs()))[:, None]
+    half = (k[:, None] * (0.5 * (patch_size - 1) / patch_size) * axes.abs().sum(1))
     outside = ~((centre - half >= 1 - pad) & (centre + half <= lvl_wh + (pad - 2))).all(1)
     any_outside = bool(outside.any())
     gmin = (lvl_org - 0.5) * norm + shift  # level pixels -0.5 and size - 0.5

@@ -212,3 +212,31 @@ def test_central_surround_centre_crop_is_the_plain_patch(scene: np.ndarray, mr_s
     surround = F.avg_pool2d(p64, 2)
     assert (surround - p32_wide).abs().mean() < 0.04
     assert (surround - p32).abs().mean() > 3 * (surround - p32_wide).abs().mean()
+
+
+def test_affine_shape_follows_an_affine_warp() -> None:
+    """A patch cut with ``shape`` = L (det 1) from the image warped by L is the patch cut
+    without it from the original: the window deforms with the image. The identity shape
+    changes nothing; ignoring L (no shape) gives visibly different patches."""
+    img = cv2.GaussianBlur(render_scene(320, 256, seed=5).astype(np.float32) / 255, (0, 0), 1.5)
+    phi, t = np.deg2rad(30.0), 1.6
+    rot = np.array([[np.cos(phi), -np.sin(phi)], [np.sin(phi), np.cos(phi)]])
+    lin = rot @ np.diag([t, 1 / t]) @ rot.T
+    off = np.array([160.0, 128.0]) - lin @ np.array([160.0, 128.0])  # about the centre
+    warped = cv2.warpAffine(img, np.hstack([lin, off[:, None]]), (320, 256),
+                            flags=cv2.INTER_CUBIC, borderMode=cv2.BORDER_REFLECT)
+    kps = SiftDetector(max_keypoints=300)(img)
+    xy = kps.xy @ lin.T + off
+    keep = ((kps.size > 2.5) & (kps.size < 6) & (xy.min(1) > 50) & (xy[:, 0] < 270)
+            & (xy[:, 1] < 206) & (kps.xy.min(1) > 50) & (kps.xy[:, 0] < 270)
+            & (kps.xy[:, 1] < 206))
+    assert keep.sum() >= 20
+    xy0, size, angle = kps.xy[keep], kps.size[keep], kps.angle[keep]
+    p0 = extract_patches(img, xy0, size, angle)
+    eye = np.repeat(np.eye(2, dtype=np.float32)[None], len(size), 0)
+    assert torch.allclose(extract_patches(img, xy0, size, angle, shape=eye), p0, atol=1e-5)
+    shp = np.repeat(lin[None].astype(np.float32), len(size), 0)
+    p1 = extract_patches(warped, xy[keep], size, angle, shape=shp)
+    p2 = extract_patches(warped, xy[keep], size, angle)
+    err, control = (p1 - p0).abs().mean().item(), (p2 - p0).abs().mean().item()
+    assert err < 0.01 and control > 10 * err, (err, control)
