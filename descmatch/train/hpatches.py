@@ -56,10 +56,12 @@ from .pool import (
     META_FILE,
     POOL_FORMAT,
     POOL_VERSION,
-    _atomic_save_npy,
     _atomic_write_text,
     assemble_parts,
+    part_done,
+    read_parts,
     start_pool_build,
+    write_part,
 )
 
 log = logging.getLogger(__name__)
@@ -226,7 +228,7 @@ def build_hpatches_pool(
     det = SiftDetector(max_keypoints=conf.max_keypoints)
     made = 0
     for c, seq in enumerate(seqs):
-        if (parts / f"part_{c:05d}.json").is_file():
+        if part_done(parts, c):
             continue
         try:
             groups = sequence_pairs(seq, c, seed, conf, patch_size, mr_size, window_factor,
@@ -237,24 +239,17 @@ def build_hpatches_pool(
             groups, error = [], str(e)
         data = (np.concatenate([g for _, g in groups]) if groups
                 else np.zeros((0, 2, patch_size, patch_size), np.uint8))
-        _atomic_save_npy(parts / f"part_{c:05d}.npy", data)
-        _atomic_write_text(parts / f"part_{c:05d}.json", json.dumps(
-            {"names": [n for n, _ in groups], "counts": [len(g) for _, g in groups],
-             "error": error}))
+        write_part(parts, c, data, {"names": [n for n, _ in groups],
+                                    "counts": [len(g) for _, g in groups], "error": error})
         made += len(data)
         if progress:
             progress(c + 1, len(seqs), f"{seq.name}: {len(data)} pairs")
     seconds = time.perf_counter() - t0
 
-    names: list[str] = []
-    counts: list[int] = []
-    errors: list[str] = []
-    for c in range(len(seqs)):
-        info = json.loads((parts / f"part_{c:05d}.json").read_text())
-        names += info["names"]
-        counts += info["counts"]
-        if info["error"]:
-            errors.append(info["error"])
+    infos = read_parts(parts, len(seqs))
+    names: list[str] = [n for info in infos for n in info["names"]]
+    counts: list[int] = [n for info in infos for n in info["counts"]]
+    errors: list[str] = [info["error"] for info in infos if info["error"]]
     total = int(sum(counts))
     if total == 0:
         raise InputError(f"{', '.join(map(str, paths))}: no pairs could be made")

@@ -77,6 +77,23 @@ def _atomic_save_npy(path: Path, arr: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
+def part_done(parts: Path, chunk: int) -> bool:
+    """Whether part ``chunk`` of a pool build is complete (its info file is written last)."""
+    return (parts / f"part_{chunk:05d}.json").is_file()
+
+
+def write_part(parts: Path, chunk: int, data: np.ndarray, info: dict[str, Any]) -> None:
+    """One finished chunk of a pool build: its pairs, then its info (crash-safe: a part
+    counts as done only once both are in place)."""
+    _atomic_save_npy(parts / f"part_{chunk:05d}.npy", data)
+    _atomic_write_text(parts / f"part_{chunk:05d}.json", json.dumps(info))
+
+
+def read_parts(parts: Path, num_parts: int) -> list[dict[str, Any]]:
+    """The info of parts 0 .. ``num_parts`` - 1, in order."""
+    return [json.loads((parts / f"part_{c:05d}.json").read_text()) for c in range(num_parts)]
+
+
 def is_pool(path: str | Path) -> bool:
     """Whether ``path`` is a finished pool folder."""
     p = Path(path)
@@ -127,10 +144,8 @@ def _run_job(job: _Job) -> tuple[int, list[int], list[str], list[str]]:
         modes.append(res.mode)
     p = job.patch_size
     data = np.concatenate(arrays) if arrays else np.zeros((0, 2, p, p), np.uint8)
-    parts = Path(job.parts)
-    _atomic_save_npy(parts / f"part_{job.chunk:05d}.npy", data)
-    _atomic_write_text(parts / f"part_{job.chunk:05d}.json",
-                       json.dumps({"counts": counts, "modes": modes, "errors": errors}))
+    write_part(Path(job.parts), job.chunk, data,
+               {"counts": counts, "modes": modes, "errors": errors})
     return job.chunk, counts, modes, errors
 
 
@@ -223,7 +238,7 @@ def build_pool(
     t0 = time.perf_counter()
     chunks = [list(range(s, min(s + chunk_images, len(items))))
               for s in range(0, len(items), chunk_images)]
-    done = {c for c in range(len(chunks)) if (parts / f"part_{c:05d}.json").is_file()}
+    done = {c for c in range(len(chunks)) if part_done(parts, c)}
     threads = 1 if workers > 1 else 0
     jobs = [_Job(c, tuple(items[i][0] for i in idx), tuple(idx), str(parts), pairs_per_image,
                  patch_size, mr_size, window_factor, seed, conf, threads)
@@ -249,14 +264,10 @@ def build_pool(
     gen_seconds = time.perf_counter() - t0
 
     # Assemble: parts in order into one memory-mappable array.
-    counts_all: list[int] = []
-    modes_all: list[str] = []
-    errors_all: list[str] = []
-    for c in range(len(chunks)):
-        info = json.loads((parts / f"part_{c:05d}.json").read_text())
-        counts_all += info["counts"]
-        modes_all += info["modes"]
-        errors_all += info["errors"]
+    infos = read_parts(parts, len(chunks))
+    counts_all: list[int] = [n for info in infos for n in info["counts"]]
+    modes_all: list[str] = [m for info in infos for m in info["modes"]]
+    errors_all: list[str] = [e for info in infos for e in info["errors"]]
     total = int(sum(counts_all))
     if total == 0:
         raise InputError(f"{', '.join(map(str, photo_dirs))}: no pairs could be made")
