@@ -7,9 +7,8 @@ import numpy as np
 
 
 def project(h: np.ndarray, xy: np.ndarray) -> np.ndarray:
-    """Shape: h (3,3), xy (N,2) -> (N,2)."""
-    p = np.concatenate([xy.astype(np.float64), np.ones((len(xy), 1))], 1) @ h.T
-    return p[:, :2] / p[:, 2:3]
+    """Map points (float64). Shape: h (3,3), xy (N,2) -> (N,2)."""
+    return apply_homography(h, xy)[0]
 
 
 def apply_homography(h: np.ndarray, xy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
