@@ -59,14 +59,12 @@ def read_pairs(path: str | Path, known: set[str] | None = None) -> list[tuple[st
         if pair is None:
             raise InputError(f"{path}:{i}: expected two image names, got {line.strip()!r}")
         a, b = pair
-        if known is not None:
-            for n in (a, b):
-                if n not in known and len(line.split()) > 2 and "\t" not in line:
-                    raise InputError(f"{path}:{i}: {line.strip()!r} is not two image names "
-                                     "of the features file (separate names with spaces by a "
-                                     "tab)")
-                if n not in known:
-                    raise InputError(f"{path}:{i}: image {n!r} is not in the features file")
+        unknown = [n for n in (a, b) if known is not None and n not in known]
+        if unknown and "\t" not in line and len(line.split()) > 2:
+            raise InputError(f"{path}:{i}: {line.strip()!r} is not two image names of the "
+                             "features file (separate names with spaces by a tab)")
+        if unknown:
+            raise InputError(f"{path}:{i}: image {unknown[0]!r} is not in the features file")
         if a == b:
             raise InputError(f"{path}:{i}: pairs an image with itself ({a})")
         if (a, b) in seen or (b, a) in seen:
