@@ -58,6 +58,7 @@ class Method(str, Enum):
     l2net_cs = "l2net-cs"
     hardnet = "hardnet"
     sosnet = "sosnet"
+    sosnet_cs = "sosnet-cs"
 
 
 class DetectorName(str, Enum):
@@ -342,7 +343,7 @@ def _match_two(a: Path, b: Path, ratio: float | None, mutual: bool, device: str,
 @app.command("train")
 def train_cmd(
     method: Annotated[str, typer.Option("--method", "-m", help="Net to train: l2net, "
-                      "l2net-cs, hardnet, sosnet.")] = "hardnet",
+                      "l2net-cs, hardnet, sosnet, sosnet-cs.")] = "hardnet",
     data: Annotated[list[str] | None, typer.Option("--data", help="Training data, repeatable: "
                     "[photos|multiview|hpatches|pool|brown:]PATH[@WEIGHT] (photos: "
                     "self-supervised; multiview: scenes with cameras.txt; hpatches: "

@@ -85,6 +85,14 @@ class LoadedNet:
     meta: dict[str, Any]
 
 
+def weights_method(weights: str | Path, method: str) -> str | None:
+    """The method a descmatch weights file (a path or shipped name) records, else None."""
+    ckpt = _load(resolve(method, weights))
+    if isinstance(ckpt, dict) and ckpt.get("format") == "descmatch":
+        return str(ckpt.get("method"))
+    return None
+
+
 def load_net(method: str, weights: str | Path | None = None) -> LoadedNet:
     """Build ``method``'s net and load trained weights into it (strict)."""
     if method not in NETS:

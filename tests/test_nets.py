@@ -7,7 +7,7 @@ import torch
 
 from descmatch.describe import resolve_precision
 from descmatch.errors import ConfigError
-from descmatch.nets import NETS, build_net
+from descmatch.nets import NETS, build_net, init_central_surround
 from descmatch.nets.fold import fold_batchnorm
 
 
@@ -46,6 +46,32 @@ def test_l2net_tower_cost() -> None:
     sizes = [32, 32, 16, 16, 8, 8, 1]
     macs = sum(c.weight.numel() * s * s for c, s in zip(convs, sizes, strict=True))
     assert 38e6 < macs < 40e6
+
+
+@pytest.mark.parametrize(("cs", "plain"), [("l2net-cs", "l2net"), ("sosnet-cs", "sosnet")])
+def test_central_surround_starts_from_its_plain_net(cs: str, plain: str) -> None:
+    """Both towers take the plain net's weights: the centre half is the plain descriptor of
+    the central 32x32 crop, the surround half that of the whole patch at half resolution."""
+    torch.manual_seed(2)
+    base = build_net(plain).train()
+    with torch.no_grad():  # running statistics that differ from a fresh net's
+        for _ in range(3):
+            base(torch.rand(64, 1, 32, 32) * 2 + 0.5)
+    base.eval()
+    net = build_net(cs)
+    init_central_surround(net, base)  # type: ignore[arg-type]
+    net.eval()
+    x = torch.rand(5, 1, 64, 64)
+    with torch.inference_mode():
+        y = net(x) * 2 ** 0.5
+        assert torch.allclose(y[:, :128], base(x[:, :, 16:48, 16:48]), atol=1e-5)
+        assert torch.allclose(y[:, 128:], base(torch.nn.functional.avg_pool2d(x, 2)),
+                              atol=1e-5)
+    other = "sosnet" if plain == "l2net" else "l2net"
+    with pytest.raises(ConfigError, match=f"starts from {plain} weights, not {other}"):
+        init_central_surround(net, build_net(other))  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="cannot start from a 64-D"):
+        init_central_surround(net, build_net(plain, {"dim": 64}))  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("name", list(NETS))

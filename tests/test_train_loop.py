@@ -194,6 +194,25 @@ def test_init_starts_from_trained_weights(pool32: Path, tmp_path: Path) -> None:
         train(cfg("e", init=str(other)))
 
 
+def test_central_surround_starts_from_plain_weights(pool64: Path, tmp_path: Path) -> None:
+    base = train(TrainConfig(method="sosnet", data=[str(pool64)], out_dir=tmp_path / "a",
+                             steps=2, batch_size=16, val="none", seed=1))
+    start = load_net("sosnet", base)
+    path = train(TrainConfig(method="sosnet-cs", data=[str(pool64)], out_dir=tmp_path / "b",
+                             steps=1, batch_size=16, val="none", lr=1e-7, init=str(base)))
+    cs = load_net("sosnet-cs", path)
+    assert cs.meta["init"]["sha256"] == start.sha256
+    for tower in (cs.net.center, cs.net.surround):
+        for p, q in zip(tower.parameters(), start.net.tower.parameters(), strict=True):
+            assert (p - q).abs().max().item() < 1e-4
+    # A plain net of another family does not start it.
+    other = train(TrainConfig(method="l2net", data=[str(pool64)], out_dir=tmp_path / "c",
+                              steps=1, batch_size=16, val="none"))
+    with pytest.raises(WeightsError, match="l2net, not sosnet-cs"):
+        train(TrainConfig(method="sosnet-cs", data=[str(pool64)], out_dir=tmp_path / "d",
+                          steps=1, batch_size=16, val="none", init=str(other)))
+
+
 def test_pool_that_does_not_fit_the_net(pool32: Path, tmp_path: Path) -> None:
     cfg = TrainConfig(method="l2net-cs", data=[str(pool32)], out_dir=tmp_path, steps=1,
                       batch_size=8)

@@ -25,17 +25,20 @@ class L2Net(DescriptorNet):
         return l2_normalize(out), inter
 
 
-class L2NetCS(DescriptorNet):
-    """L2-Net central-surround: a 64x64 input covering twice the keypoint window.
+class CentralSurround(DescriptorNet):
+    """The central-surround form of a single-tower net (L2-Net's CS variant).
 
-    One tower sees the central 32x32 crop at full resolution, the other the whole 64x64 patch
-    at half resolution; the two 128-D outputs are concatenated (256-D) and L2-normalised.
+    The input is 64x64 and covers twice the keypoint window. One tower sees the central 32x32
+    crop at full resolution (the plain net's patch), the other the whole 64x64 patch at half
+    resolution; each stream is normalised as the plain net normalises its input, and the two
+    L2-normalised halves are concatenated and L2-normalised again (``dim``-D).
+    ``plain`` names the single-tower net whose weights can start both towers
+    (:func:`descmatch.nets.init_central_surround`).
     """
 
-    name: ClassVar[str] = "l2net-cs"
-    default_conf: ClassVar[dict[str, Any]] = {"dim": 256, "dropout": 0.0}
     patch_size: ClassVar[int] = 64
     window_factor: ClassVar[float] = 2.0
+    plain: ClassVar[str] = ""
 
     def __init__(self, conf: dict[str, Any] | None = None) -> None:
         super().__init__(conf)
@@ -43,10 +46,25 @@ class L2NetCS(DescriptorNet):
         self.center = L2Tower(half, self.conf["dropout"])
         self.surround = L2Tower(self.conf["dim"] - half, self.conf["dropout"])
 
+    def normalize_input(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
     def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         c = x[:, :, 16:48, 16:48]
         s = F.avg_pool2d(x, kernel_size=2)
-        oc, ic = self.center(standardize(c))
-        os_, is_ = self.surround(standardize(s))
+        oc, ic = self.center(self.normalize_input(c))
+        os_, is_ = self.surround(self.normalize_input(s))
         out = torch.cat([l2_normalize(oc), l2_normalize(os_)], dim=1)
         return l2_normalize(out), ic + is_
+
+
+class L2NetCS(CentralSurround):
+    """L2-Net central-surround: per-patch standardisation of each stream (256-D)."""
+
+    name: ClassVar[str] = "l2net-cs"
+    default_conf: ClassVar[dict[str, Any]] = {"dim": 256, "dropout": 0.0}
+    plain: ClassVar[str] = "l2net"
+
+    def normalize_input(self, x: torch.Tensor) -> torch.Tensor:
+        return standardize(x)
+

@@ -85,9 +85,9 @@ from ..distributed import Dist as _Dist
 from ..distributed import launch_env as _launch_env
 from ..distributed import local_device, session
 from ..errors import ConfigError, InputError, OutputError, TrainingError
-from ..nets import NETS, DescriptorNet, build_net
+from ..nets import NETS, CentralSurround, DescriptorNet, build_net, init_central_surround
 from ..patches import DEFAULT_MR_SIZE
-from ..weights import load_net, save_checkpoint
+from ..weights import load_net, save_checkpoint, weights_method
 from .brown import BrownDataset
 from .evaluation import describe_patches, fpr_at_recall, pair_distances
 from .hpatches import build_hpatches_pool_for
@@ -106,6 +106,7 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     "l2net-cs": {"loss": "l2net", "optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0},
     "hardnet": {"loss": "hardnet", "optimizer": "sgd", "lr": 10.0, "weight_decay": 1e-4},
     "sosnet": {"loss": "sosnet", "optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0},
+    "sosnet-cs": {"loss": "sosnet", "optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0},
 }
 #: Learning rate of an optimiser chosen against the method's default.
 OPTIMIZER_LR = {"sgd": 10.0, "adam": 1e-3, "adamw": 1e-3}
@@ -344,6 +345,14 @@ def _fit_pool(pool: PairPool, net_cls: type[DescriptorNet], config: TrainConfig,
     raise ConfigError(f"{pool.name}: pool patches are {size} px with window factor {wf:g}; "
                       f"{net_cls.name} needs {p} px with window factor {nwf:g} (build the pool "
                       "for it)")
+
+
+def _init_method(method: str, init: str) -> str:
+    """The method whose weights ``--init`` names: the net's own, or for a central-surround
+    net also its plain net's (which starts both towers)."""
+    plain = getattr(NETS[method], "plain", "")
+    found = weights_method(init, method)
+    return plain if plain and found == plain else method
 
 
 def _open_source(spec: DataSpec, net_cls: type[DescriptorNet], config: TrainConfig,
@@ -626,12 +635,18 @@ def _train(config: TrainConfig, progress: Progress | None, device: torch.device,
     net = build_net(config.method, config.net_conf).to(device)
     init_info: dict[str, Any] | None = None
     if config.init and not (config.resume and ckpt_path.is_file()):
-        loaded = load_net(config.method, config.init)
+        plain = getattr(NETS[config.method], "plain", "")
+        loaded = load_net(_init_method(config.method, config.init), config.init)
         init_mr = float(loaded.meta.get("mr_size", mr_size))
         if abs(init_mr - mr_size) > 1e-6:
             raise ConfigError(f"{loaded.path}: trained on patches with mr_size {init_mr:g}, the "
                               f"data is cut with {mr_size:g}")
-        net = loaded.net.to(device).train()
+        if loaded.net.name == config.method:
+            net = loaded.net
+        else:  # a central-surround net started from its plain net's weights (both towers)
+            assert isinstance(net, CentralSurround) and loaded.net.name == plain
+            init_central_surround(net, loaded.net)
+        net = net.to(device).train()
         init_info = {"path": str(loaded.path), "sha256": loaded.sha256,
                      "steps": loaded.meta.get("steps"),
                      "pairs_seen": loaded.meta.get("pairs_seen")}
