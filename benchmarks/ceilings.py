@@ -70,6 +70,8 @@ class OracleAffine:
         angle = np.rad2deg(np.arctan2(g[:, 1], g[:, 0])) % 360.0
         img = torch.from_numpy(image)
         patches = extract_patches(img, kps.xy, kps.size, angle, mr_size=self.net.mr_size,
+                                  patch_size=self.net.net.patch_size,
+                                  window_factor=self.net.net.window_factor,
                                   pyramid=build_pyramid(img), shape=shape.astype(np.float32))
         return self.net.describe_patches(patches).numpy()
 
