@@ -281,7 +281,8 @@ def _export(pycolmap: Any, features: str | Path, matches: str | Path, images: Im
         dim = int(fr.attrs.get("descriptor_dim", 0))
         if descriptors and dim != 128:
             raise InputError(f"{features}: descriptors are {dim}-D ({fr.attrs.get('method')}); "
-                             "COLMAP stores 128-D uint8 descriptors: leave out --descriptors")
+                             "COLMAP stores 128-D uint8 descriptors: leave out --descriptors or "
+                             "extract with a 128-D method (sosnet, hardnet, rootsift)")
         sizes = {n: tuple(int(v) for v in fr._f[n]["image_size"][()]) for n in names}
         num_kpts = {n: int(fr._f[n]["keypoints"].shape[0]) for n in names}
         if camera_mode == "single" and len(set(sizes.values())) > 1:
