@@ -67,4 +67,3 @@ class L2NetCS(CentralSurround):
 
     def normalize_input(self, x: torch.Tensor) -> torch.Tensor:
         return standardize(x)
-

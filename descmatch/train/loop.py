@@ -85,7 +85,7 @@ from ..distributed import Dist as _Dist
 from ..distributed import launch_env as _launch_env
 from ..distributed import local_device, session
 from ..errors import ConfigError, InputError, OutputError, TrainingError
-from ..nets import NETS, CentralSurround, DescriptorNet, build_net, init_central_surround
+from ..nets import NETS, DescriptorNet, build_net, init_central_surround
 from ..patches import DEFAULT_MR_SIZE
 from ..weights import load_net, save_checkpoint, weights_method
 from .brown import BrownDataset
@@ -345,14 +345,6 @@ def _fit_pool(pool: PairPool, net_cls: type[DescriptorNet], config: TrainConfig,
     raise ConfigError(f"{pool.name}: pool patches are {size} px with window factor {wf:g}; "
                       f"{net_cls.name} needs {p} px with window factor {nwf:g} (build the pool "
                       "for it)")
-
-
-def _init_method(method: str, init: str) -> str:
-    """The method whose weights ``--init`` names: the net's own, or for a central-surround
-    net also its plain net's (which starts both towers)."""
-    plain = getattr(NETS[method], "plain", "")
-    found = weights_method(init, method)
-    return plain if plain and found == plain else method
 
 
 def _open_source(spec: DataSpec, net_cls: type[DescriptorNet], config: TrainConfig,
@@ -635,17 +627,19 @@ def _train(config: TrainConfig, progress: Progress | None, device: torch.device,
     net = build_net(config.method, config.net_conf).to(device)
     init_info: dict[str, Any] | None = None
     if config.init and not (config.resume and ckpt_path.is_file()):
+        # A central-surround net also starts from its plain net's weights (both towers).
         plain = getattr(NETS[config.method], "plain", "")
-        loaded = load_net(_init_method(config.method, config.init), config.init)
+        source = (plain if plain and weights_method(config.init, config.method) == plain
+                  else config.method)
+        loaded = load_net(source, config.init)
         init_mr = float(loaded.meta.get("mr_size", mr_size))
         if abs(init_mr - mr_size) > 1e-6:
             raise ConfigError(f"{loaded.path}: trained on patches with mr_size {init_mr:g}, the "
                               f"data is cut with {mr_size:g}")
-        if loaded.net.name == config.method:
+        if source == config.method:
             net = loaded.net
-        else:  # a central-surround net started from its plain net's weights (both towers)
-            assert isinstance(net, CentralSurround) and loaded.net.name == plain
-            init_central_surround(net, loaded.net)
+        else:
+            init_central_surround(net, loaded.net)  # type: ignore[arg-type]
         net = net.to(device).train()
         init_info = {"path": str(loaded.path), "sha256": loaded.sha256,
                      "steps": loaded.meta.get("steps"),
