@@ -97,6 +97,10 @@ StrictOpt = Annotated[bool, typer.Option("--strict", help="Fail on an unreadable
 PrecisionOpt = Annotated[str, typer.Option("--precision", help="Learned nets: fp32 (reference), "
                          "bf16, fp16 (CUDA), or auto (fp16 on CUDA, bf16 on CPUs that have "
                          "it).")]
+FramesOpt = Annotated[str, typer.Option("--frames", help="Learned methods: refine the "
+                      "detector's keypoint scales with this frame net first (auto: the "
+                      "shipped weights/frames.pt where there is one; none: the detector's "
+                      "frames; or a file or shipped name).")]
 HalfOpt = Annotated[bool, typer.Option("--half", help="Store descriptors as float16.")]
 RatioOpt = Annotated[float, typer.Option("--ratio", min=0.0, max=1.0, help="Lowe's ratio "
                      "test threshold on L2 distances (1 disables it).")]
@@ -163,11 +167,13 @@ def _detector(name: DetectorName, max_keypoints: int, upright: bool, dev: Any) -
 def _setup(method: Method, weights: str | None, device: str, batch_size: int | None,
            max_keypoints: int, upright: bool, mr_size: float | None,
            precision: str = DEFAULT_PRECISION,
-           detector: DetectorName = DetectorName.sift) -> tuple[Any, Any]:
+           detector: DetectorName = DetectorName.sift, frames: str = "auto"
+           ) -> tuple[Any, Any]:
     from .describe import SiftDescriber, build_describer
 
     dev = _device(device)
-    describer = build_describer(method.value, weights, dev, batch_size, mr_size, precision)
+    describer = build_describer(method.value, weights, dev, batch_size, mr_size, precision,
+                                frames)
     if detector == DetectorName.dog and isinstance(describer, SiftDescriber):
         raise ConfigError(f"--detector dog: {describer.name} needs OpenCV's SIFT scale space; "
                           "use --detector sift, or a learned --method")
@@ -223,6 +229,7 @@ def extract_cmd(
     detector: DetectorOpt = DetectorName.sift,
     mr_size: MrOpt = None,
     precision: PrecisionOpt = DEFAULT_PRECISION,
+    frames: FramesOpt = "auto",
     half: HalfOpt = False,
     overwrite: OverwriteOpt = False,
     strict: StrictOpt = False,
@@ -233,7 +240,7 @@ def extract_cmd(
 
     imgs = list_images(images)
     detector, describer = _setup(method, weights, device, batch_size, max_keypoints, upright,
-                                 mr_size, precision, detector)
+                                 mr_size, precision, detector, frames)
     with _progress(f"extract {describer.name}") as cb:
         res = extract(imgs, output, describer, detector, resize_max, overwrite, strict,
                       half=half, progress=cb)
@@ -272,6 +279,7 @@ def match_cmd(
     detector: DetectorOpt = DetectorName.sift,
     mr_size: MrOpt = None,
     precision: PrecisionOpt = DEFAULT_PRECISION,
+    frames: FramesOpt = "auto",
 ) -> None:
     """Match features (FEATURES.h5 OUT.h5), or two images directly (A.jpg B.jpg).
 
@@ -283,7 +291,7 @@ def match_cmd(
     if _looks_like_image(first) and _looks_like_image(second):
         _match_two(Path(first), Path(second), ratio_v, mutual, device, viz, geometry, method,
                    weights, batch_size, max_keypoints, resize_max, upright, mr_size, precision,
-                   detector)
+                   detector, frames)
         return
     from .h5 import Reader
     from .match import match
@@ -306,7 +314,7 @@ def _match_two(a: Path, b: Path, ratio: float | None, mutual: bool, device: str,
                viz: Path | None, geometry: Geometry, method: Method, weights: str | None,
                batch_size: int | None, max_keypoints: int, resize_max: int | None,
                upright: bool, mr_size: float | None, precision: str,
-               detector: DetectorName) -> None:
+               detector: DetectorName, frames: str) -> None:
     import torch
 
     from .export.viz import draw_matches, verify, write_image
@@ -316,7 +324,7 @@ def _match_two(a: Path, b: Path, ratio: float | None, mutual: bool, device: str,
 
     t0 = time.perf_counter()
     detector, describer = _setup(method, weights, device, batch_size, max_keypoints, upright,
-                                 mr_size, precision, detector)
+                                 mr_size, precision, detector, frames)
     dev = _device(device)
     feats = []
     for p in (a, b):
@@ -343,7 +351,11 @@ def _match_two(a: Path, b: Path, ratio: float | None, mutual: bool, device: str,
 @app.command("train")
 def train_cmd(
     method: Annotated[str, typer.Option("--method", "-m", help="Net to train: l2net, "
-                      "l2net-cs, hardnet, sosnet, sosnet-cs.")] = "hardnet",
+                      "l2net-cs, hardnet, sosnet, sosnet-cs, or frames (the keypoint frame "
+                      "refiner: photos sources only; takes --steps, --batch-size, --lr, "
+                      "--seed, --device, --eval-every, --checkpoint-every, --resume, "
+                      "--time-limit, --init, --max-tilt, --pair-angle, --pair-scale, "
+                      "--pairs-per-image, --max-images; default lr 1e-3).")] = "hardnet",
     data: Annotated[list[str] | None, typer.Option("--data", help="Training data, repeatable: "
                     "[photos|multiview|hpatches|pool|brown:]PATH[@WEIGHT] (photos: "
                     "self-supervised; multiview: scenes with cameras.txt; hpatches: "
@@ -422,6 +434,20 @@ def train_cmd(
 
     if not data:
         raise DescmatchError("--data is required (e.g. --data photos:shared/data/photos)")
+    if method == "frames":
+        from .train.frames import FramesConfig, train_frames
+
+        fcfg = FramesConfig(
+            data=list(data), out_dir=out_dir or Path("runs") / method, steps=steps,
+            batch_size=batch_size, lr=lr or 1e-3, seed=seed, device=str(_device(device)),
+            max_tilt=max_tilt, pair_angle=pair_angle, pair_scale=pair_scale,
+            pairs_per_image=pairs_per_image, max_images=max_images,
+            eval_every=eval_every or 500, checkpoint_every=checkpoint_every, resume=resume,
+            time_limit_s=time_limit, init=init, command="descmatch " + " ".join(sys.argv[1:]))
+        with _progress("train frames") as cb:
+            path = train_frames(fcfg, progress=cb)
+        _say(f"wrote {path}")
+        return
     cfg = TrainConfig(
         method=method, data=list(data), out_dir=out_dir or Path("runs") / method, steps=steps,
         batch_size=batch_size, loss=loss, optimizer=optimizer, lr=lr, seed=seed,
@@ -455,6 +481,7 @@ def eval_homography(
     detector: DetectorOpt = DetectorName.sift,
     mr_size: MrOpt = None,
     precision: PrecisionOpt = DEFAULT_PRECISION,
+    frames: FramesOpt = "auto",
     ratio: Annotated[float, typer.Option("--ratio", min=0.0, max=1.0, help="Ratio test "
                      "(1 = none: the protocol is mutual nearest neighbours alone).")] = 1.0,
     mutual: MutualOpt = True,
@@ -468,7 +495,7 @@ def eval_homography(
     from .evaluate import THRESHOLDS, evaluate_homography
 
     detector, describer = _setup(method, weights, device, batch_size, max_keypoints, upright,
-                                 mr_size, precision, detector)
+                                 mr_size, precision, detector, frames)
     rows = []
     for seq in sequences:
         rows += evaluate_homography(seq, describer, detector, None if ratio >= 1 else ratio,
@@ -514,6 +541,7 @@ def eval_epipolar(
     detector: DetectorOpt = DetectorName.sift,
     mr_size: MrOpt = None,
     precision: PrecisionOpt = DEFAULT_PRECISION,
+    frames: FramesOpt = "auto",
     ratio: Annotated[float, typer.Option("--ratio", min=0.0, max=1.0, help="Ratio test "
                      "(1 = none).")] = 1.0,
     mutual: MutualOpt = True,
@@ -525,7 +553,7 @@ def eval_epipolar(
     from .evaluate import evaluate_epipolar
 
     detector, describer = _setup(method, weights, device, batch_size, max_keypoints, upright,
-                                 mr_size, precision, detector)
+                                 mr_size, precision, detector, frames)
     rows = []
     for scene in scenes:
         rows += evaluate_epipolar(scene, describer, detector, None if ratio >= 1 else ratio,
@@ -743,6 +771,7 @@ def sfm_cmd(
     upright: UprightOpt = False,
     mr_size: MrOpt = None,
     precision: PrecisionOpt = DEFAULT_PRECISION,
+    frames: FramesOpt = "auto",
     ratio: RatioOpt = DEFAULT_RATIO,
     mutual: MutualOpt = True,
     camera_mode: Annotated[CameraMode, typer.Option("--camera-mode", help="One camera for "
@@ -773,7 +802,7 @@ def sfm_cmd(
     if cameras is not None and not cameras.is_file():
         raise InputError(f"{cameras}: no such cameras file")
     detector, describer = _setup(method, weights, device, batch_size, max_keypoints, upright,
-                                 mr_size, precision)
+                                 mr_size, precision, frames=frames)
     cfg = SfmConfig(pairs=pairs, camera_mode=camera_mode.value, verify=verify,
                     ratio=None if ratio >= 1.0 else ratio, mutual=mutual, max_side=resize_max,
                     device=_device(device), num_threads=threads, seed=seed,

@@ -14,10 +14,11 @@ import torch
 
 from .detect import Keypoints, SiftDetector, to_uint8
 from .errors import ConfigError
-from .nets import NETS, DescriptorNet
+from .nets import NETS, DescriptorNet, FrameNet
 from .nets.fold import fold_batchnorm
+from .nets.frames import refined_keypoints
 from .patches import DEFAULT_MR_SIZE, build_pyramid, extract_patches
-from .weights import default_method, load_net
+from .weights import default_method, load_net, weights_dir
 
 CLASSICAL = ("sift", "rootsift")
 
@@ -87,11 +88,18 @@ def _cpu_has_bf16() -> bool:
 class NetDescriber:
     """A learned net on patches: one pyramid and one sampling call per image, the net (batch
     norm folded in) in chunks of ``batch_size`` under inference mode on ``device``, in
-    ``precision`` (fp32 is the reference; bf16/fp16 run under autocast)."""
+    ``precision`` (fp32 is the reference; bf16/fp16 run under autocast).
+
+    With a ``frames`` net, calling the describer first refines the keypoints' frames
+    (:meth:`refine`, in fp32) and describes the patches cut in the refined frames;
+    :meth:`describe` and :meth:`describe_many` take the frames as given."""
 
     def __init__(self, net: DescriptorNet, device: torch.device, batch_size: int = 1024,
                  mr_size: float = DEFAULT_MR_SIZE, meta: dict[str, Any] | None = None,
-                 precision: str = "fp32") -> None:
+                 precision: str = "fp32", frames: FrameNet | None = None,
+                 frames_mr_size: float = DEFAULT_MR_SIZE) -> None:
+        self.frames = frames.eval().to(device) if frames is not None else None
+        self.frames_mr_size = frames_mr_size
         self.net = fold_batchnorm(net.eval()).to(device)
         self.device = device
         self.batch_size = batch_size
@@ -126,10 +134,20 @@ class NetDescriber:
         # Reduced precision rounds the net's own L2 normalisation: redo it in float32.
         return torch.nn.functional.normalize(torch.cat(out).float(), dim=1)
 
-    def __call__(self, image: np.ndarray, kps: Keypoints) -> np.ndarray:
+    def refine(self, image: np.ndarray, kps: Keypoints) -> Keypoints:
+        """The keypoints in the frames net's frames (as they are without one)."""
+        if self.frames is None or len(kps) == 0:
+            return kps
+        return refined_keypoints(self.frames, image, kps, self.device, self.frames_mr_size)
+
+    def describe(self, image: np.ndarray, kps: Keypoints) -> np.ndarray:
+        """Descriptors of patches cut in the keypoints' frames as given."""
         if len(kps) == 0:
             return np.zeros((0, self.dim), np.float32)
         return self.describe_patches(self.patches(image, kps)).cpu().numpy()
+
+    def __call__(self, image: np.ndarray, kps: Keypoints) -> np.ndarray:
+        return self.describe(image, self.refine(image, kps))
 
     @property
     def pack_patches(self) -> int:
@@ -139,8 +157,9 @@ class NetDescriber:
         return self.batch_size if self.device.type == "cuda" else 0
 
     def describe_many(self, items: list[tuple[np.ndarray, Keypoints]]) -> list[np.ndarray]:
-        """Several images in one pass of the net: their patches cut per image, described
-        together in batches of ``batch_size``, split back. Shape: -> [(N_i,D) float32]."""
+        """Several images in one pass of the net: their patches cut per image (in the frames
+        as given), described together in batches of ``batch_size``, split back.
+        Shape: -> [(N_i,D) float32]."""
         counts = [len(k) for _, k in items]
         cut = [self.patches(img, k) for img, k in items if len(k)]
         if not cut:
@@ -168,22 +187,48 @@ def default_batch_size(device: torch.device) -> int:
     return 2048 if device.type == "cuda" else 256
 
 
+FRAMES_AUTO = "auto"
+
+
+def resolve_frames(frames: str | None) -> str | None:
+    """The frame refiner weights a learned describer uses: ``auto`` the shipped
+    ``weights/frames.pt`` where there is one, ``none`` (or None) no refiner, else a file or
+    shipped name."""
+    if frames is None or frames == "none":
+        return None
+    if frames == FRAMES_AUTO:
+        return "frames" if (weights_dir() / "frames.pt").is_file() else None
+    return frames
+
+
 def build_describer(method: str, weights: str | None = None,
                     device: torch.device | None = None, batch_size: int | None = None,
                     mr_size: float | None = None,
-                    precision: str = DEFAULT_PRECISION) -> Describer:
+                    precision: str = DEFAULT_PRECISION,
+                    frames: str | None = FRAMES_AUTO) -> Describer:
+    """A describer by method name. Learned nets refine the detector's frames with the
+    ``frames`` net first (:func:`resolve_frames`); SIFT and RootSIFT keep SIFT's frames."""
     method = resolve_method(method)
     if method in CLASSICAL:
         if weights is not None:
             raise ConfigError(f"--weights does not apply to --method {method}")
+        if frames not in (None, "none", FRAMES_AUTO):
+            raise ConfigError(f"--frames does not apply to --method {method}")
         return SiftDescriber(root=method == "rootsift")
     loaded = load_net(method, weights)
     if mr_size is None:
         mr_size = float(loaded.meta.get("mr_size", DEFAULT_MR_SIZE))
     meta = {"weights": loaded.path.name, "weights_sha256": loaded.sha256}
+    frames_net, frames_mr = None, DEFAULT_MR_SIZE
+    frames_name = resolve_frames(frames)
+    if frames_name is not None:
+        refiner = load_net("frames", frames_name)
+        frames_net = refiner.net
+        frames_mr = float(refiner.meta.get("mr_size", DEFAULT_MR_SIZE))
+        meta.update(frames=refiner.path.name, frames_sha256=refiner.sha256)
     device = device or torch.device("cpu")
     if batch_size is None:
         batch_size = default_batch_size(device)
     return NetDescriber(loaded.net, device, batch_size, mr_size, meta,
-                        precision)
+                        precision, frames_net, frames_mr)
 

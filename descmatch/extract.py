@@ -118,6 +118,8 @@ def extract(
     settings = {**detector.settings(), "resize_max": max_side, **(extra_settings or {})}
     if describer is not None and hasattr(describer, "mr_size"):
         settings["mr_size"] = describer.mr_size
+    if describer is not None and describer.meta.get("frames_sha256"):
+        settings["frames_sha256"] = describer.meta["frames_sha256"]
     attrs = {
         "method": describer.name if describer else "none",
         "descriptor_dim": describer.dim if describer else 0,
@@ -169,9 +171,16 @@ def _extract(images: ImageList, out: Path, describer: Describer | None, detector
             descs: list[np.ndarray | None] = [None] * len(batch)
             if describer is not None:
                 td = time.perf_counter()
+                refine = getattr(describer, "refine", None)
+                if refine is not None:  # the refined frames are the ones written
+                    for b in batch:
+                        b.kps = refine(b.image, b.kps)
                 if len(batch) > 1:
                     descs = list(describer.describe_many(  # type: ignore[attr-defined]
                         [(b.image, b.kps) for b in batch]))
+                elif refine is not None:
+                    descs = [describer.describe(batch[0].image,  # type: ignore[attr-defined]
+                                                batch[0].kps)]
                 else:
                     descs = [describer(batch[0].image, batch[0].kps)]
                 result.describe_seconds += time.perf_counter() - td

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from .errors import WeightsError
-from .nets import NETS, DescriptorNet, build_net
+from .nets import MODELS, DescriptorNet, build_net
 
 
 def weights_dir() -> Path:
@@ -79,7 +79,7 @@ def _load(path: Path) -> Any:
 
 @dataclass
 class LoadedNet:
-    net: DescriptorNet
+    net: DescriptorNet  # or a FrameNet ("frames")
     path: Path
     sha256: str
     meta: dict[str, Any]
@@ -95,8 +95,8 @@ def weights_method(weights: str | Path, method: str) -> str | None:
 
 def load_net(method: str, weights: str | Path | None = None) -> LoadedNet:
     """Build ``method``'s net and load trained weights into it (strict)."""
-    if method not in NETS:
-        raise WeightsError(f"{method}: not a learned net ({', '.join(NETS)})")
+    if method not in MODELS:
+        raise WeightsError(f"{method}: not a learned net ({', '.join(MODELS)})")
     path = resolve(method, weights)
     ckpt = _load(path)
     conf: dict[str, Any] = {}

@@ -48,6 +48,12 @@ def test_shipped_weights_are_real_and_documented(path: Path) -> None:
     assert any(float(m.running_var.mean()) != 1.0 for m in bn)
     img = render_scene(320, 240, seed=5).astype(np.float32) / 255.0
     kps = SiftDetector(max_keypoints=100)(img)
+    if info.net == "frames":  # the keypoint frame refiner that learned nets use by default
+        describer = build_describer("auto", precision="fp32")
+        assert describer.meta["frames_sha256"] == info.sha256
+        ratio = describer.refine(img, kps).size / kps.size  # type: ignore[attr-defined]
+        assert np.all(ratio < 1.8) and np.all(ratio > 1 / 1.8) and np.ptp(ratio) > 0.05
+        return
     d = build_describer(info.net, weights=str(path), precision="fp32")(img, kps)
     assert d.shape == (len(kps), loaded.net.dim)
     np.testing.assert_allclose(np.linalg.norm(d, axis=1), 1.0, atol=1e-5)

@@ -6,6 +6,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from .base import DescriptorNet, L2Tower, standardize
+from .frames import FrameNet
 from .hardnet import HardNet
 from .l2net import CentralSurround, L2Net, L2NetCS
 from .sosnet import SOSNet, SOSNetCS
@@ -18,13 +19,16 @@ NETS: dict[str, type[DescriptorNet]] = {
     "sosnet-cs": SOSNetCS,
 }
 
+#: Every net a weights file can hold: the descriptors and the keypoint frame refiner.
+MODELS: dict[str, type[Any]] = {**NETS, "frames": FrameNet}
 
-def build_net(name: str, conf: dict[str, Any] | None = None) -> DescriptorNet:
-    """Build an (untrained) net by registry name."""
+
+def build_net(name: str, conf: dict[str, Any] | None = None) -> Any:
+    """Build an (untrained) net by registry name (a descriptor net, or ``frames``)."""
     try:
-        cls = NETS[name]
+        cls = MODELS[name]
     except KeyError:
-        raise ConfigError(f"unknown net {name!r}; choose one of {', '.join(NETS)}") from None
+        raise ConfigError(f"unknown net {name!r}; choose one of {', '.join(MODELS)}") from None
     return cls(conf)
 
 
@@ -46,6 +50,6 @@ def init_central_surround(net: CentralSurround, plain: DescriptorNet) -> None:
     net.surround.load_state_dict(state)
 
 
-__all__ = ["NETS", "CentralSurround", "DescriptorNet", "L2Tower", "build_net",
+__all__ = ["MODELS", "NETS", "FrameNet", "CentralSurround", "DescriptorNet", "L2Tower", "build_net",
            "init_central_surround", "standardize", "HardNet", "L2Net", "L2NetCS", "SOSNet",
            "SOSNetCS"]
