@@ -252,7 +252,7 @@ def train_frames(cfg: FramesConfig, progress: Progress | None = None) -> Path:
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1.0 - s / cfg.steps))
     gen = torch.Generator().manual_seed(cfg.seed)
-    step, log_rows = 0, []
+    step, log_rows, before = 0, [], 0.0
     if cfg.resume:
         ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         if ck["config"]["steps"] != cfg.steps or ck["config"]["data"] != [str(d) for d in
@@ -263,10 +263,16 @@ def train_frames(cfg: FramesConfig, progress: Progress | None = None) -> Path:
         sched.load_state_dict(ck["scheduler"])
         gen.set_state(ck["generator"])
         step, log_rows = int(ck["step"]), list(ck["log"])
+        before = float(ck.get("seconds", 0.0))
+
+    def elapsed() -> float:
+        """Training seconds over every invocation of the run."""
+        return before + time.perf_counter() - t0
 
     def meta(metrics: dict[str, float]) -> dict[str, Any]:
         return {"data": ", ".join(str(d) for d in cfg.data), "steps": step,
-                "mr_size": DEFAULT_MR_SIZE, "seconds": round(time.perf_counter() - t0, 1),
+                "mr_size": DEFAULT_MR_SIZE, "seconds": round(elapsed(), 1),
+                "hardware": _hardware(device),
                 "pairs": n, "command": cfg.command, "config": _config_dict(cfg),
                 "headline": (f"frames off (>30 deg or >1.5x): detector "
                              f"{metrics.get('detector_off', float('nan')):.3f} -> refined "
@@ -276,7 +282,7 @@ def train_frames(cfg: FramesConfig, progress: Progress | None = None) -> Path:
     def save(metrics: dict[str, float]) -> None:
         save_checkpoint(ckpt_path, net, meta(metrics), optimizer=opt.state_dict(),
                         scheduler=sched.state_dict(), generator=gen.get_state(), step=step,
-                        log=log_rows, config=_config_dict(cfg))
+                        log=log_rows, config=_config_dict(cfg), seconds=elapsed())
         _write_logs(out, log_rows)
 
     t0 = time.perf_counter()
@@ -305,7 +311,7 @@ def train_frames(cfg: FramesConfig, progress: Progress | None = None) -> Path:
         if step % cfg.eval_every == 0 or last or timed_out:
             metrics = {"step": step, "angle_loss": run_lo / run_k, "scale_loss": run_ls / run_k,
                        "lr": sched.get_last_lr()[0], **validate(net, val, device),
-                       "seconds": time.perf_counter() - t0}
+                       "seconds": elapsed()}
             log_rows.append(metrics)
             run_lo = run_ls = 0.0
             run_k = 0
@@ -315,6 +321,14 @@ def train_frames(cfg: FramesConfig, progress: Progress | None = None) -> Path:
             break
     save(metrics)
     return save_checkpoint(out / "frames.pt", net.cpu(), meta(metrics))
+
+
+def _hardware(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    return f"{torch.get_num_threads()} CPU threads ({platform.processor() or platform.machine()})"
 
 
 def _config_dict(cfg: FramesConfig) -> dict[str, Any]:
