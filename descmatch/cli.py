@@ -417,6 +417,10 @@ def train_cmd(
     pair_scale: Annotated[float, typer.Option("--pair-scale", help="Photo and HPatches "
                           "sources: the largest ratio between the sizes of a detected and a "
                           "mapped keypoint that pair.")] = 1.2,
+    frames: Annotated[str | None, typer.Option("--frames", help="Descriptor nets: cut the "
+                      "photo and multiview training patches in the refined frames of this "
+                      "frame net (a file or shipped name, e.g. frames), as --frames cuts "
+                      "them at inference.")] = None,
 ) -> None:
     """Train a descriptor net (L2-Net, HardNet, SOSNet objectives) with checkpoints and
     validation FPR95; writes <out>/<method>.pt, loadable with --weights.
@@ -437,6 +441,8 @@ def train_cmd(
     if method == "frames":
         from .train.frames import FramesConfig, train_frames
 
+        if frames is not None:
+            raise DescmatchError("--frames applies to descriptor nets, not to --method frames")
         fcfg = FramesConfig(
             data=list(data), out_dir=out_dir or Path("runs") / method, steps=steps,
             batch_size=batch_size, lr=lr or 1e-3, seed=seed, device=str(_device(device)),
@@ -457,7 +463,7 @@ def train_cmd(
         pool_workers=workers, sampler=sampler, p1_fraction=p1_fraction,
         mine_every=mine_every, mine_points=mine_points, mine_group=mine_group or None,
         init=init, max_tilt=max_tilt, pair_max_angle=pair_angle, pair_max_scale=pair_scale,
-        command="descmatch " + " ".join(sys.argv[1:]))
+        frames=frames, command="descmatch " + " ".join(sys.argv[1:]))
     with _progress(f"train {method}") as cb:
         path = train(cfg, progress=cb)
     _say(f"wrote {path}")

@@ -192,3 +192,43 @@ def test_train_frames_refuses_other_sources(tmp_path: Path,
 
 def test_frames_is_a_registered_model() -> None:
     assert isinstance(build_net("frames"), FrameNet)
+
+
+def test_training_pairs_are_cut_in_the_refined_frames(tmp_path: Path) -> None:
+    from descmatch.patches import build_pyramid, extract_patches
+    from descmatch.train.photos import PhotoPairConfig, photo_pairs
+
+    frames = load_net("frames", _scaling_frames(tmp_path / "f.pt", math.log(1.25))).net
+    img = cv2.imread(str(_photos(tmp_path / "ph", 1) / "p0.png"), cv2.IMREAD_GRAYSCALE)
+    img = img.astype(np.float32) / 255.0
+    conf = PhotoPairConfig(pairing="mapped", photometric_source=False)
+    plain = photo_pairs(img, np.random.default_rng(0), conf, max_pairs=40)
+    refined = photo_pairs(img, np.random.default_rng(0), conf, max_pairs=40, frames=frames)
+    assert len(plain) == len(refined) > 10
+    np.testing.assert_array_equal(plain.src_xy, refined.src_xy)
+    np.testing.assert_allclose(refined.src_size, plain.src_size * 1.25, rtol=1e-5)
+    np.testing.assert_allclose(refined.dst_size, plain.dst_size * 1.25, rtol=1e-5)
+    t = torch.from_numpy(img)
+    want = extract_patches(t, refined.src_xy, refined.src_size, refined.src_angle,
+                           pyramid=build_pyramid(t))
+    got = torch.from_numpy(refined.patches[:, 0]).float() / 255.0
+    torch.testing.assert_close(got, want[:, 0], atol=1 / 255 + 1e-6, rtol=0)
+
+
+def test_descriptor_training_with_frames_records_them(
+        tmp_path: Path, call_main: Callable[..., MainResult]) -> None:
+    frames = _scaling_frames(tmp_path / "f.pt", math.log(1.25))
+    photos = _photos(tmp_path / "ph", 2)
+    out = tmp_path / "run"
+    code, _, err = call_main("train", "--method", "hardnet", "--data", f"photos:{photos}",
+                             "--out", str(out), "--steps", "2", "--batch-size", "16",
+                             "--val", "none", "--frames", str(frames),
+                             "--pairs-per-image", "64")
+    assert code == 0, err
+    ck = torch.load(out / "hardnet.pt", weights_only=True)
+    assert ck["meta"]["frames_sha256"] == sha256(frames)
+    (pool,) = (out / "pools").iterdir()
+    assert json.loads((pool / "meta.json").read_text())["frames_sha256"] == sha256(frames)
+    code, _, err = call_main("train", "--method", "frames", "--data", f"photos:{photos}",
+                             "--out", str(tmp_path / "r2"), "--frames", str(frames))
+    assert code != 0 and "--frames applies to descriptor nets" in err

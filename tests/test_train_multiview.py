@@ -20,6 +20,7 @@ from descmatch.train.multiview import (
     TrackConfig,
     build_multiview_pool,
     connected_components,
+    cut_patches,
     epipolar_distance,
     find_scenes,
     fundamental_matrix,
@@ -264,3 +265,25 @@ def test_multiview_data_source_trains(scenes: Path, tmp_path: Path) -> None:
                        steps=1, batch_size=16, val="none", mr_size=6.0)
     assert train(cfg2).is_file()
     assert not (tmp_path / "r2" / "pools").exists()
+
+
+def test_multiview_patches_in_refined_frames(scenes: Path, tmp_path: Path) -> None:
+    import math
+
+    import torch
+
+    from descmatch.nets import FrameNet
+    from descmatch.weights import save_checkpoint, sha256
+
+    conf = TrackConfig(max_keypoints=1500, pair_window=3, window=6.0)
+    tr = scene_tracks(scenes / "corner-a", conf)
+    rows = np.arange(0, len(tr.obs_image), 7)
+    net = FrameNet().eval()  # rescales every keypoint by 1.25
+    torch.nn.init.constant_(net.head.bias, math.atanh(math.log(1.25) / math.log(1.8)))
+    got = cut_patches(tr, rows, 32, 6.0, 1.0, frames=net)
+    tr.obs_size = tr.obs_size * np.float32(1.25)
+    np.testing.assert_array_equal(got, cut_patches(tr, rows, 32, 6.0, 1.0))
+    # A pool built with a refiner records it (and is another pool than one without).
+    f = save_checkpoint(tmp_path / "f.pt", net, {"mr_size": 10.0})
+    out = build_multiview_pool(scenes / "corner-b", tmp_path / "pool", frames=str(f), **TINY)
+    assert json.loads((out / "meta.json").read_text())["frames_sha256"] == sha256(f)

@@ -94,7 +94,14 @@ from .hpatches import build_hpatches_pool_for
 from .losses import LOSSES, get_loss
 from .multiview import MultiviewPairPool, build_multiview_pool_for
 from .photos import PhotoPairConfig
-from .pool import SAMPLERS, MixedBatches, PairPool, build_photo_pool_for, is_pool
+from .pool import (
+    SAMPLERS,
+    MixedBatches,
+    PairPool,
+    build_photo_pool_for,
+    frames_settings,
+    is_pool,
+)
 
 log = logging.getLogger(__name__)
 
@@ -222,6 +229,7 @@ class TrainConfig:
     mine_group: int | None = 64
     net_conf: dict[str, Any] = field(default_factory=dict)
     init: str | None = None
+    frames: str | None = None
     max_tilt: float = 1.0
     pair_max_angle: float = 30.0
     pair_max_scale: float = 1.2
@@ -349,6 +357,9 @@ def _fit_pool(pool: PairPool, net_cls: type[DescriptorNet], config: TrainConfig,
 
 def _open_source(spec: DataSpec, net_cls: type[DescriptorNet], config: TrainConfig,
                  mr_sizes: list[float], progress: Progress | None) -> PairPool:
+    if config.frames and spec.kind in ("brown", "hpatches"):
+        raise ConfigError(f"--frames: {spec} is not cut in refined frames (photos, multiview "
+                          "and pools made with --frames are)")
     if spec.kind == "brown":
         ds = BrownDataset(spec.path, patch_size=net_cls.patch_size)
         return PairPool.from_brown(ds, name=f"brown:{spec.path}")
@@ -366,7 +377,7 @@ def _open_source(spec: DataSpec, net_cls: type[DescriptorNet], config: TrainConf
                                    net_cls.patch_size, config.mr_size, net_cls.window_factor,
                                    config.pairs_per_image, config.seed, config.pool_workers,
                                    cb, conf=config.photo_conf(),
-                                   max_images=config.max_images)
+                                   max_images=config.max_images, frames=config.frames)
         return _fit_pool(PairPool.load(out), net_cls, config, mr_sizes)
     if spec.kind == "multiview":
         if is_pool(spec.path):
@@ -379,7 +390,8 @@ def _open_source(spec: DataSpec, net_cls: type[DescriptorNet], config: TrainConf
 
             out = build_multiview_pool_for(spec.path, Path(config.out_dir) / "pools",
                                            net_cls.patch_size, config.mr_size,
-                                           net_cls.window_factor, config.seed, cb_mv)
+                                           net_cls.window_factor, config.seed, cb_mv,
+                                           frames=config.frames)
         return _fit_pool(MultiviewPairPool.load(out), net_cls, config, mr_sizes)
     if spec.kind == "hpatches":
         if is_pool(spec.path):
@@ -717,7 +729,9 @@ def _train(config: TrainConfig, progress: Progress | None, device: torch.device,
                 "headline": (f"val FPR95 {last_fpr:.4f}" if last_fpr is not None else ""),
                 "mr_size": mr_size, "patch_size": net_cls.patch_size, "seed": config.seed,
                 "command": config.command, "descmatch_version": _version,
-                **({"init": init_info} if init_info else {})}
+                **({"init": init_info} if init_info else {}),
+                **({"frames": str(config.frames), **frames_settings(config.frames)}
+                   if config.frames else {})}
 
     def save_training(step: int) -> None:
         """Write the checkpoint (rank 0); in a data-parallel run every rank takes part: the

@@ -70,6 +70,7 @@ from ..detect import Keypoints, SiftDetector
 from ..errors import ConfigError, InputError
 from ..images import read_image, resize_max
 from ..match import match_descriptors
+from ..nets.frames import refine_frames
 from ..patches import DEFAULT_MR_SIZE, build_pyramid, extract_patches
 from .photos import _inside, _window_corners
 from .pool import (
@@ -78,6 +79,8 @@ from .pool import (
     POOL_FORMAT,
     POOL_VERSION,
     PairPool,
+    _frames_net,
+    frames_settings,
     is_pool,
     start_pool_build,
 )
@@ -439,8 +442,10 @@ def _scene_points(tr: SceneTracks, rng: np.random.Generator, max_points_per_imag
 
 
 def cut_patches(tr: SceneTracks, rows: np.ndarray, patch_size: int, mr_size: float,
-                window_factor: float) -> np.ndarray:
-    """Patches of observations ``rows`` of a scene, cut at the detected keypoints, one
+                window_factor: float, frames: Any = None,
+                frames_mr_size: float = DEFAULT_MR_SIZE) -> np.ndarray:
+    """Patches of observations ``rows`` of a scene, cut at the detected keypoints (in the
+    refined frames of a ``frames`` net when one is given), one
     :func:`~descmatch.patches.extract_patches` call per image. Shape: -> (len(rows),P,P) uint8."""
     out = np.zeros((len(rows), patch_size, patch_size), np.uint8)
     img_of = tr.obs_image[rows]
@@ -449,7 +454,11 @@ def cut_patches(tr: SceneTracks, rows: np.ndarray, patch_size: int, mr_size: flo
             sel = np.flatnonzero(img_of == g)
             r = rows[sel]
             t = torch.from_numpy(np.ascontiguousarray(tr.images[g]))
-            p = extract_patches(t, tr.obs_xy[r], tr.obs_size[r], tr.obs_angle[r],
+            size, angle = tr.obs_size[r], tr.obs_angle[r]
+            if frames is not None:
+                size, angle = refine_frames(frames, t, tr.obs_xy[r], size, angle,
+                                            frames_mr_size)
+            p = extract_patches(t, tr.obs_xy[r], size, angle,
                                 patch_size=patch_size, mr_size=mr_size,
                                 window_factor=window_factor, pyramid=build_pyramid(t))
             out[sel] = (p[:, 0] * 255.0 + 0.5).clamp_(0, 255).to(torch.uint8).numpy()
@@ -477,13 +486,14 @@ def _atomic_save_npy(path: Path, arr: np.ndarray) -> None:
 
 def _make_scene_part(scene: Path, index: int, parts: Path, conf: TrackConfig, patch_size: int,
                      mr_size: float, window_factor: float, max_points_per_image: int | None,
-                     seed: int, progress: Progress | None) -> dict[str, Any]:
+                     seed: int, progress: Progress | None, frames: Any = None
+                     ) -> dict[str, Any]:
     tr = scene_tracks(scene, conf, progress)
     rng = np.random.default_rng([seed, index])
     tracks, anchor_img, rows = _scene_points(tr, rng, max_points_per_image)
     lengths = np.diff(tr.offsets)[tracks]
     view_offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    views = cut_patches(tr, rows, patch_size, mr_size, window_factor)
+    views = cut_patches(tr, rows, patch_size, mr_size, window_factor, *_frames_net(frames))
     # The fixed pair of each point: its anchor and one other view drawn at random.
     second = 1 + (rng.random(len(tracks)) * (lengths - 1)).astype(np.int64)
     counts = np.bincount(anchor_img, minlength=len(tr.names)).astype(np.int64)
@@ -533,6 +543,7 @@ def build_multiview_pool(
     *,
     ratio: float = 0.8,
     max_view_angle: float = 60.0,
+    frames: str | None = None,
 ) -> Path:
     """Build the multi-view pool of ``scene_dirs`` (scene folders, or folders of scene
     folders) into the folder ``out`` and return it (see the module docstring).
@@ -561,6 +572,7 @@ def build_multiview_pool(
         "max_view_angle": max_view_angle, "ratio": ratio, "epipolar_px": epipolar_px,
         "reproj_px": reproj_px, "min_track": min_track,
         "max_points_per_image": max_points_per_image, "seed": seed,
+        **frames_settings(frames),
     }
     settings, parts = start_pool_build(out, settings)
     if parts is None:
@@ -574,7 +586,7 @@ def build_multiview_pool(
             infos.append(json.loads(done.read_text()))
             continue
         info = _make_scene_part(scene, si, parts, conf, patch_size, mr_size, window_factor,
-                                max_points_per_image, seed, progress)
+                                max_points_per_image, seed, progress, frames)
         st = info["stats"]
         log.info("%s: %d images, %d tracks, mean length %.2f, %d observations, reprojection "
                  "%.3f px", st["scene"], st["images"], st["tracks"], st["mean_track_length"],
@@ -644,16 +656,17 @@ def build_multiview_pool(
 
 def build_multiview_pool_for(path: str | Path, cache_root: str | Path, patch_size: int,
                              mr_size: float, window_factor: float, seed: int,
-                             progress: Progress | None = None) -> Path:
+                             progress: Progress | None = None, frames: str | None = None
+                             ) -> Path:
     """Build (or reuse) the multi-view pool of a scene folder or folder of scenes under
     ``cache_root``, named by the folder and a digest of the settings."""
     key = json.dumps([str(Path(path).resolve()), patch_size, mr_size, window_factor, seed,
-                      "multiview"], sort_keys=True)
+                      "multiview", *frames_settings(frames).values()], sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:10]
     out = (Path(cache_root)
            / f"multiview-{Path(path).resolve().name}-{patch_size}px-{digest}")
     return build_multiview_pool([path], out, patch_size, mr_size, window_factor, seed=seed,
-                                progress=progress)
+                                progress=progress, frames=frames)
 
 
 # --------------------------------------------------------------------------------------------

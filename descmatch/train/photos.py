@@ -42,6 +42,7 @@ from ..detect import SiftDetector
 from ..errors import ConfigError
 from ..geometry import apply_homography, homography_jacobian, map_keypoints  # noqa: F401
 from ..images import read_image, resize_max
+from ..nets.frames import refine_frames
 from ..patches import DEFAULT_MR_SIZE, build_pyramid, extract_patches
 
 PAIRINGS = ("detected", "mapped")
@@ -291,12 +292,16 @@ def photo_pairs(
     window_factor: float = 1.0,
     max_pairs: int = 512,
     detector: SiftDetector | None = None,
+    frames: Any = None,
+    frames_mr_size: float = DEFAULT_MR_SIZE,
 ) -> PhotoPairs:
     """Matching patch pairs of one photo under a random homography and photometric change.
 
     ``image`` is used at its size (callers downscale it: :func:`load_photo`). The patches are
     cut like the describers cut them: window side ``mr_size * window_factor * size`` pixels,
-    rotated to the keypoint orientation, from an antialiasing pyramid.
+    rotated to the keypoint orientation, from an antialiasing pyramid. With a ``frames`` net
+    (:class:`~descmatch.nets.frames.FrameNet`) both keypoints of each pair are cut in its
+    refined frames, as the describers that use it cut them; pairing uses the detector's.
 
     Shape: image (H,W) float32 in [0,1] -> PhotoPairs with patches (K,2,P,P) uint8, K <= max_pairs.
     """
@@ -352,6 +357,11 @@ def photo_pairs(
     a_xy, a_size, a_angle = s_xy[sel_src], s_size[sel_src], s_angle[sel_src]
 
     k = len(sel_src)
+    if frames is not None and k:
+        a_size, a_angle = refine_frames(frames, torch.from_numpy(src), a_xy, a_size, a_angle,
+                                        frames_mr_size)
+        d_size, d_angle = refine_frames(frames, torch.from_numpy(dst), d_xy, d_size, d_angle,
+                                        frames_mr_size)
     patches = np.empty((k, 2, patch_size, patch_size), np.uint8)
     if k:
         with torch.inference_mode():

@@ -100,6 +100,26 @@ def is_pool(path: str | Path) -> bool:
     return (p / META_FILE).is_file() and (p / PAIRS_FILE).is_file()
 
 
+def frames_settings(frames: str | None) -> dict[str, Any]:
+    """The pool-settings entry of a frame refiner (``--frames``): its sha256; nothing without
+    one, so pools made without a refiner keep their names and settings."""
+    if frames is None:
+        return {}
+    from ..weights import resolve, sha256
+
+    return {"frames_sha256": sha256(resolve("frames", frames))}
+
+
+def _frames_net(frames: str | None) -> tuple[Any, float]:
+    """The refiner net of a weights file (or None) and the patch window it was trained on."""
+    if frames is None:
+        return None, DEFAULT_MR_SIZE
+    from ..weights import load_net
+
+    loaded = load_net("frames", frames)
+    return loaded.net, float(loaded.meta.get("mr_size", DEFAULT_MR_SIZE))
+
+
 @dataclass(frozen=True)
 class _Job:
     chunk: int
@@ -113,6 +133,7 @@ class _Job:
     seed: int
     conf: PhotoPairConfig
     threads: int
+    frames: str | None = None
 
 
 def _run_job(job: _Job) -> tuple[int, list[int], list[str], list[str]]:
@@ -127,6 +148,7 @@ def _run_job(job: _Job) -> tuple[int, list[int], list[str], list[str]]:
         torch.set_num_threads(job.threads)
         cv2.setNumThreads(job.threads)
     arrays, counts, modes, errors = [], [], [], []
+    frames, frames_mr = _frames_net(job.frames)
     for path, index in zip(job.paths, job.indices, strict=True):
         try:
             image = load_photo(path, job.conf.max_side)
@@ -138,7 +160,7 @@ def _run_job(job: _Job) -> tuple[int, list[int], list[str], list[str]]:
             continue
         rng = np.random.default_rng([job.seed, index])
         res = photo_pairs(image, rng, job.conf, job.patch_size, job.mr_size, job.window_factor,
-                          job.pairs_per_image)
+                          job.pairs_per_image, frames=frames, frames_mr_size=frames_mr)
         arrays.append(res.patches)
         counts.append(len(res))
         modes.append(res.mode)
@@ -205,6 +227,7 @@ def build_pool(
     conf: PhotoPairConfig | None = None,
     max_images: int | None = None,
     chunk_images: int = 16,
+    frames: str | None = None,
 ) -> Path:
     """Pre-generate self-supervised pairs from the photos of ``photo_dirs`` into the pool folder
     ``out`` and return it.
@@ -215,7 +238,8 @@ def build_pool(
     serves the 32-px nets, which take its centre). ``workers`` > 1 makes chunks of
     ``chunk_images`` images in parallel processes. Resumable: run again after an interruption
     and only the missing chunks are made; a finished pool with the same settings is returned
-    as it is, one with other settings is an error.
+    as it is, one with other settings is an error. ``frames``: cut the patches in the refined
+    frames of this frame refiner (weights file or shipped name).
     """
     out = Path(out)
     conf = conf or PhotoPairConfig()
@@ -229,7 +253,7 @@ def build_pool(
         "num_images": len(items), "max_images": max_images,
         "pairs_per_image": pairs_per_image, "patch_size": patch_size, "mr_size": mr_size,
         "window_factor": window_factor, "seed": seed, "photo_conf": conf.settings(),
-        "chunk_images": chunk_images,
+        "chunk_images": chunk_images, **frames_settings(frames),
     }
     settings, parts = start_pool_build(out, settings)
     if parts is None:
@@ -241,7 +265,7 @@ def build_pool(
     done = {c for c in range(len(chunks)) if part_done(parts, c)}
     threads = 1 if workers > 1 else 0
     jobs = [_Job(c, tuple(items[i][0] for i in idx), tuple(idx), str(parts), pairs_per_image,
-                 patch_size, mr_size, window_factor, seed, conf, threads)
+                 patch_size, mr_size, window_factor, seed, conf, threads, frames)
             for c, idx in enumerate(chunks) if c not in done]
     finished = len(done)
     made = 0
@@ -789,15 +813,17 @@ def build_photo_pool_for(photo_dir: str | Path, cache_root: str | Path, patch_si
                          mr_size: float, window_factor: float, pairs_per_image: int, seed: int,
                          workers: int = 1, progress: Progress | None = None,
                          conf: PhotoPairConfig | None = None,
-                         max_images: int | None = None) -> Path:
+                         max_images: int | None = None, frames: str | None = None) -> Path:
     """Build (or reuse) the pool of a photo folder under ``cache_root``, named by the folder and
     a digest of the settings."""
     import hashlib
 
     conf = conf or PhotoPairConfig()
     key = json.dumps([str(Path(photo_dir).resolve()), patch_size, mr_size, window_factor,
-                      pairs_per_image, seed, max_images, conf.settings()], sort_keys=True)
+                      pairs_per_image, seed, max_images, conf.settings(),
+                      *frames_settings(frames).values()], sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:10]
     out = Path(cache_root) / f"{Path(photo_dir).resolve().name}-{patch_size}px-{digest}"
     return build_pool([photo_dir], out, pairs_per_image, patch_size, mr_size, seed, workers,
-                      progress, window_factor=window_factor, conf=conf, max_images=max_images)
+                      progress, window_factor=window_factor, conf=conf, max_images=max_images,
+                      frames=frames)
