@@ -14,11 +14,17 @@ under the true homography, summed over pairs 1-2 .. 1-6 and per pair:
     normalised), so the foreshortening between the views is removed exactly; orientations
     are the detector's, measured in that frame. No method has this frame; it bounds what an
     affine shape estimate (Baumberg iteration, AffNet) can bring this descriptor;
+  * the net with oracle orientations, scales, or both (``--oracle-frames``): every image-i
+    keypoint that has image-1 keypoints mapped within 3 px takes the mapped orientation
+    and/or size of the one among them whose mapped orientation is nearest its own, so the
+    frames of corresponding keypoints agree exactly; it bounds what a keypoint orientation or
+    scale estimate (the learned ``frames`` refiner, OriNet) can bring;
+  * the net with the shipped frame refiner (``weights/frames.pt``) when there is one;
   * the net on PCA-whitened and on learned-whitened descriptors (Radenovic et al.'s Lw,
     fitted on ``--whiten-pool`` training pairs) when ``--whiten-pool`` names pair pools.
 
     python benchmarks/ceilings.py [--seq DIR] [--method sosnet] [--weights PATH]
-                                  [--whiten-pool runs/X/pools/P ...]
+                                  [--oracle-frames] [--whiten-pool runs/X/pools/P ...]
 """
 
 from __future__ import annotations
@@ -34,8 +40,9 @@ import torch
 from descmatch.describe import NetDescriber, build_describer
 from descmatch.detect import SiftDetector
 from descmatch.evaluate import evaluate_homography, read_homography
-from descmatch.geometry import homography_jacobian
+from descmatch.geometry import homography_jacobian, map_keypoints
 from descmatch.patches import build_pyramid, extract_patches
+from descmatch.weights import weights_dir
 
 
 class Pooled:
@@ -74,6 +81,44 @@ class OracleAffine:
                                   window_factor=self.net.net.window_factor,
                                   pyramid=build_pyramid(img), shape=shape.astype(np.float32))
         return self.net.describe_patches(patches).numpy()
+
+
+class OracleFrames:
+    """Image i (the i-th call) in frames taken from image 1's keypoints mapped by H_1_i:
+    ``what`` is "orientation", "scale" or "both"."""
+
+    def __init__(self, net: NetDescriber, seq: Path, what: str) -> None:
+        self.net, self.seq, self.what, self.calls, self.first = net, seq, what, 0, None
+
+    def __call__(self, image: np.ndarray, kps) -> np.ndarray:
+        self.calls += 1
+        if self.calls == 1:
+            self.first = kps
+            return self.net(image, kps)
+        h = read_homography(self.seq / f"H_1_{self.calls}")
+        k1 = self.first
+        uv, size1, angle1, _ = map_keypoints(h, k1.xy, k1.size, k1.angle)
+        # Every (image-i keypoint, mapped image-1 keypoint) pair within 3 px, vectorised:
+        # image-1 keypoints sorted by x, a window of +-3 px in x searched for each.
+        order = np.argsort(uv[:, 0])
+        xs = uv[order, 0]
+        lo = np.searchsorted(xs, kps.xy[:, 0] - 3.0)
+        hi = np.searchsorted(xs, kps.xy[:, 0] + 3.0, side="right")
+        ii = np.repeat(np.arange(len(kps)), hi - lo)
+        jj = order[np.concatenate([np.arange(a, b) for a, b in zip(lo, hi, strict=True)]
+                                  or [np.zeros(0, np.int64)]).astype(np.int64)]
+        near = np.linalg.norm(uv[jj] - kps.xy[ii], axis=1) <= 3.0
+        ii, jj = ii[near], jj[near]
+        diff = np.abs((angle1[jj] - kps.angle[ii] + 180.0) % 360.0 - 180.0)
+        best = np.lexsort((diff, ii))  # by keypoint, nearest orientation first
+        first = np.unique(ii[best], return_index=True)[1]
+        ii, jj = ii[best][first], jj[best][first]
+        angle, size = kps.angle.copy(), kps.size.copy()
+        if self.what in ("orientation", "both"):
+            angle[ii] = angle1[jj]
+        if self.what in ("scale", "both"):
+            size[ii] = size1[jj]
+        return self.net(image, replace(kps, angle=angle, size=size, cv=None))
 
 
 class Whitened:
@@ -122,10 +167,11 @@ def main() -> None:
     ap.add_argument("--weights", default=None)
     ap.add_argument("--max-keypoints", type=int, default=4000)
     ap.add_argument("--whiten-pool", action="append", default=[])
+    ap.add_argument("--oracle-frames", action="store_true")
     args = ap.parse_args()
 
     det = SiftDetector(max_keypoints=args.max_keypoints)
-    net = build_describer(args.method, args.weights, precision="fp32")
+    net = build_describer(args.method, args.weights, precision="fp32", frames="none")
     assert isinstance(net, NetDescriber), "--method must name a learned net"
     runs: list[tuple[str, object]] = [
         ("RootSIFT", build_describer("rootsift")),
@@ -133,6 +179,13 @@ def main() -> None:
         ("  + size pooling 0.8/1/1.25x", Pooled(net, (0.8, 1.0, 1.25))),
         ("  + oracle affine frames (true homography)", OracleAffine(net, args.seq)),
     ]
+    if args.oracle_frames:
+        runs += [(f"  + oracle {w}", OracleFrames(net, args.seq, w))
+                 for w in ("orientation", "scale", "both")]
+    if (weights_dir() / "frames.pt").is_file():
+        runs.append(("  + learned scales (weights/frames.pt)",
+                     build_describer(args.method, args.weights, precision="fp32",
+                                     frames="frames")))
     if args.whiten_pool:
         runs += [(f"  + {k}", Whitened(net, *v))
                  for k, v in whitenings(net, args.whiten_pool).items()]

@@ -11,6 +11,18 @@ from torch import nn
 from ..errors import ConfigError
 
 
+def merged_conf(name: str, defaults: dict[str, Any], conf: dict[str, Any] | None
+                ) -> dict[str, Any]:
+    """A net's configuration: its defaults updated by ``conf``; unknown keys are an error
+    that lists the valid ones."""
+    conf = dict(conf or {})
+    unknown = sorted(set(conf) - set(defaults))
+    if unknown:
+        raise ConfigError(f"{name}: unknown config key(s) {', '.join(unknown)}; "
+                          f"valid keys: {', '.join(sorted(defaults))}")
+    return {**defaults, **conf}
+
+
 class DescriptorNet(nn.Module):
     """Base class of every learned descriptor.
 
@@ -29,14 +41,7 @@ class DescriptorNet(nn.Module):
 
     def __init__(self, conf: dict[str, Any] | None = None) -> None:
         super().__init__()
-        conf = dict(conf or {})
-        unknown = sorted(set(conf) - set(self.default_conf))
-        if unknown:
-            raise ConfigError(
-                f"{self.name}: unknown config key(s) {', '.join(unknown)}; "
-                f"valid keys: {', '.join(sorted(self.default_conf))}"
-            )
-        self.conf: dict[str, Any] = {**self.default_conf, **conf}
+        self.conf: dict[str, Any] = merged_conf(self.name, self.default_conf, conf)
 
     @property
     def dim(self) -> int:

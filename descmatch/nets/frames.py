@@ -30,6 +30,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..patches import DEFAULT_MR_SIZE, build_pyramid, extract_patches
+from .base import merged_conf
 
 
 def _block(cin: int, cout: int, stride: int = 1) -> list[nn.Module]:
@@ -49,12 +50,7 @@ class FrameNet(nn.Module):
 
     def __init__(self, conf: dict[str, Any] | None = None) -> None:
         super().__init__()
-        conf = dict(conf or {})
-        unknown = sorted(set(conf) - set(self.default_conf))
-        if unknown:
-            raise ConfigError(f"frames: unknown config key(s) {', '.join(unknown)}; valid "
-                              f"keys: {', '.join(sorted(self.default_conf))}")
-        self.conf: dict[str, Any] = {**self.default_conf, **conf}
+        self.conf: dict[str, Any] = merged_conf(self.name, self.default_conf, conf)
         w = int(self.conf["width"])
         if not (0 < float(self.conf["max_rotation"]) <= 180 and float(self.conf["max_scale"]) > 1
                 and w > 0):
