@@ -98,7 +98,8 @@ class NetDescriber:
                  mr_size: float = DEFAULT_MR_SIZE, meta: dict[str, Any] | None = None,
                  precision: str = "fp32", frames: FrameNet | None = None,
                  frames_mr_size: float = DEFAULT_MR_SIZE) -> None:
-        self.frames = frames.eval().to(device) if frames is not None else None
+        self.frames = (fold_batchnorm(frames.eval()).to(device)  # type: ignore[assignment]
+                       if frames is not None else None)
         self.frames_mr_size = frames_mr_size
         self.net = fold_batchnorm(net.eval()).to(device)
         self.device = device
@@ -138,7 +139,8 @@ class NetDescriber:
         """The keypoints in the frames net's frames (as they are without one)."""
         if self.frames is None or len(kps) == 0:
             return kps
-        return refined_keypoints(self.frames, image, kps, self.device, self.frames_mr_size)
+        return refined_keypoints(self.frames, image, kps, self.device, self.frames_mr_size,
+                                 self.batch_size)
 
     def describe(self, image: np.ndarray, kps: Keypoints) -> np.ndarray:
         """Descriptors of patches cut in the keypoints' frames as given."""

@@ -78,10 +78,11 @@ class FrameNet(nn.Module):
 @torch.inference_mode()
 def refine_frames(net: FrameNet, image: torch.Tensor, xy: np.ndarray, size: np.ndarray,
                   angle: np.ndarray, mr_size: float = DEFAULT_MR_SIZE,
-                  pyramid: list[torch.Tensor] | None = None, batch_size: int = 2048
+                  pyramid: list[torch.Tensor] | None = None, batch_size: int | None = None
                   ) -> tuple[np.ndarray, np.ndarray]:
     """The refined sizes and angles (degrees, in [0, 360)) of keypoints: one pass of ``net``
-    on their patches cut in the given frames (window ``mr_size x size``), in batches.
+    on their patches cut in the given frames (window ``mr_size x size``), in batches of
+    ``batch_size`` (default: 256 on the CPU, 4x faster there than 2048, else 2048).
 
     Shape: image (H,W) on the net's device; xy (N,2), size, angle (N,) -> size, angle (N,)
     float32.
@@ -92,6 +93,8 @@ def refine_frames(net: FrameNet, image: torch.Tensor, xy: np.ndarray, size: np.n
         return size.copy(), angle.copy()
     patches = extract_patches(image, xy, size, angle, patch_size=net.patch_size,
                               mr_size=mr_size, pyramid=pyramid or build_pyramid(image))
+    if batch_size is None:
+        batch_size = 256 if image.device.type == "cpu" else 2048
     thetas, rhos = [], []
     for i in range(0, len(patches), batch_size):
         theta, rho = net(patches[i:i + batch_size])
@@ -105,9 +108,10 @@ def refine_frames(net: FrameNet, image: torch.Tensor, xy: np.ndarray, size: np.n
 
 
 def refined_keypoints(net: FrameNet, image: np.ndarray, kps: Any, device: torch.device,
-                      mr_size: float = DEFAULT_MR_SIZE) -> Any:
+                      mr_size: float = DEFAULT_MR_SIZE, batch_size: int | None = None) -> Any:
     """:class:`~descmatch.detect.Keypoints` with the net's frames (same order and positions;
     OpenCV's own keypoints dropped, as they hold the old frames)."""
     img = torch.from_numpy(np.ascontiguousarray(image, np.float32)).to(device)
-    size, angle = refine_frames(net, img, kps.xy, kps.size, kps.angle, mr_size)
+    size, angle = refine_frames(net, img, kps.xy, kps.size, kps.angle, mr_size,
+                                batch_size=batch_size)
     return replace(kps, size=size, angle=angle, cv=None)
