@@ -29,8 +29,8 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..patches import DEFAULT_MR_SIZE, build_pyramid, extract_patches
-from .base import merged_conf
+from ..patches import DEFAULT_MR_SIZE, extract_patches
+from .base import merged_conf, standardize
 
 
 def _block(cin: int, cout: int, stride: int = 1) -> list[nn.Module]:
@@ -65,9 +65,7 @@ class FrameNet(nn.Module):
         nn.init.zeros_(self.head.bias)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        flat = x.flatten(1)
-        x = (x - flat.mean(1).view(-1, 1, 1, 1)) / (flat.std(1).view(-1, 1, 1, 1) + 1e-6)
-        z = self.head(self.body(x)).flatten(1).float()
+        z = self.head(self.body(standardize(x, eps=1e-6))).flatten(1).float()
         max_log = math.log(float(self.conf["max_scale"]))
         rho = max_log * torch.tanh(z[:, -1])
         if not self.rotation:
@@ -92,7 +90,7 @@ def refine_frames(net: FrameNet, image: torch.Tensor, xy: np.ndarray, size: np.n
     if len(size) == 0:
         return size.copy(), angle.copy()
     patches = extract_patches(image, xy, size, angle, patch_size=net.patch_size,
-                              mr_size=mr_size, pyramid=pyramid or build_pyramid(image))
+                              mr_size=mr_size, pyramid=pyramid)
     if batch_size is None:
         batch_size = 256 if image.device.type == "cpu" else 2048
     thetas, rhos = [], []

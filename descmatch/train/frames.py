@@ -41,6 +41,7 @@ from ..geometry import homography_jacobian
 from ..nets.frames import FrameNet
 from ..patches import DEFAULT_MR_SIZE
 from ..weights import load_net, save_checkpoint
+from .loop import DataSpec
 from .photos import PhotoPairConfig, load_photo, photo_pairs
 from .pool import _select_images
 
@@ -168,18 +169,24 @@ def _load_pools(paths: list[Path]) -> dict[str, Tensor]:
 CHUNK = 256
 
 
-def _batch_losses(net: FrameNet, b: dict[str, Tensor], device: torch.device
-                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _batch_losses(net: FrameNet, b: dict[str, Tensor], device: torch.device,
+                  refine: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per-pair losses of a batch with the net's refinements (``refine``) or with the
+    detector's frames (rotations and log scales 0); also the rotations and log scales of
+    the sources then the warps. Shape: -> (N,), (N,), (2N,), (2N,)."""
     p = b["patches"].to(device).float() / 255.0
     n = p.shape[0]
-    x = torch.cat([p[:, 0:1], p[:, 1:2]])
-    outs = [net(x[i:i + CHUNK]) for i in range(0, len(x), CHUNK)]
-    theta = torch.cat([o[0] for o in outs])
-    rho = torch.cat([o[1] for o in outs])
+    if refine:
+        x = torch.cat([p[:, 0:1], p[:, 1:2]])
+        outs = [net(x[i:i + CHUNK]) for i in range(0, len(x), CHUNK)]
+        theta = torch.cat([o[0] for o in outs])
+        rho = torch.cat([o[1] for o in outs])
+    else:
+        theta = rho = torch.zeros(2 * n, device=device)
     f = {k: b[k].to(device).float() for k in FIELDS[1:]}
     lo, ls = frame_losses(theta[:n], rho[:n], theta[n:], rho[n:], f["a1"], f["s1"], f["a2"],
                           f["s2"], f["jac"])
-    return lo, ls, theta, rho, f["s1"], f["s2"]
+    return lo, ls, theta, rho
 
 
 @torch.no_grad()
@@ -193,11 +200,8 @@ def validate(net: FrameNet, val: dict[str, Tensor], device: torch.device,
     n = len(val["a1"])
     for i in range(0, n, batch):
         b = {k: v[i:i + batch] for k, v in val.items()}
-        lo, ls, theta, rho, _, _ = _batch_losses(net, b, device)
-        zero = torch.zeros_like(theta[: len(lo)])
-        f = {k: b[k].to(device).float() for k in FIELDS[1:]}
-        lo0, ls0 = frame_losses(zero, zero, zero, zero, f["a1"], f["s1"], f["a2"], f["s2"],
-                                f["jac"])
+        lo, ls, _, _ = _batch_losses(net, b, device)
+        lo0, ls0, _, _ = _batch_losses(net, b, device, refine=False)
         for k, v in (("lo0", lo0), ("ls0", ls0), ("lo", lo), ("ls", ls)):
             acc[k].append(v.cpu())
     net.train(was)
@@ -216,18 +220,12 @@ def train_frames(cfg: FramesConfig, progress: Progress | None = None) -> Path:
     """Run (or resume) a frame-refiner training; returns ``<out>/frames.pt``."""
     specs = []
     for d in cfg.data:
-        text = str(d)
-        if "@" in text:
-            text = text.rsplit("@", 1)[0]
-        kind, _, rest = text.partition(":")
-        if not rest:
-            kind, rest = "photos", kind
-        if kind != "photos":
+        spec = DataSpec.parse(d)
+        if spec.kind != "photos":
             raise ConfigError(f"--data {d}: the frame refiner trains on photos: sources only")
-        path = Path(rest).expanduser()
-        if not path.is_dir():
+        if not spec.path.is_dir():
             raise ConfigError(f"--data {d}: no such folder")
-        specs.append(path)
+        specs.append(spec.path)
     if not specs:
         raise ConfigError("--data is required (e.g. --data photos:shared/data/photos)")
     out = cfg.out_dir
@@ -292,8 +290,7 @@ def train_frames(cfg: FramesConfig, progress: Progress | None = None) -> Path:
     net.train()
     while step < cfg.steps:
         idx = torch.randint(0, n, (cfg.batch_size,), generator=gen)
-        lo, ls, theta, rho, _, _ = _batch_losses(net, {k: v[idx] for k, v in train.items()},
-                                                 device)
+        lo, ls, theta, rho = _batch_losses(net, {k: v[idx] for k, v in train.items()}, device)
         reg = theta.mean() ** 2 + rho.mean() ** 2
         loss = lo.mean() + ls.mean() + reg
         opt.zero_grad(set_to_none=True)
