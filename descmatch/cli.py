@@ -173,7 +173,7 @@ def _setup(method: Method, weights: str | None, device: str, batch_size: int | N
 
     dev = _device(device)
     describer = build_describer(method.value, weights, dev, batch_size, mr_size, precision,
-                                frames)
+                                frames, upright)
     if detector == DetectorName.dog and isinstance(describer, SiftDescriber):
         raise ConfigError(f"--detector dog: {describer.name} needs OpenCV's SIFT scale space; "
                           "use --detector sift, or a learned --method")
@@ -355,7 +355,9 @@ def train_cmd(
                       "refiner: photos sources only; takes --steps, --batch-size, --lr, "
                       "--seed, --device, --eval-every, --checkpoint-every, --resume, "
                       "--time-limit, --init, --max-tilt, --pair-angle, --pair-scale, "
-                      "--pairs-per-image, --max-images; default lr 1e-3).")] = "hardnet",
+                      "--pairs-per-image, --max-images, --frame-loss, --teacher, --rotation, "
+                      "--mean-weight; "
+                      "default lr 1e-3).")] = "hardnet",
     data: Annotated[list[str] | None, typer.Option("--data", help="Training data, repeatable: "
                     "[photos|multiview|hpatches|pool|brown:]PATH[@WEIGHT] (photos: "
                     "self-supervised; multiview: scenes with cameras.txt; hpatches: "
@@ -421,6 +423,20 @@ def train_cmd(
                       "photo and multiview training patches in the refined frames of this "
                       "frame net (a file or shipped name, e.g. frames), as --frames cuts "
                       "them at inference.")] = None,
+    frame_loss: Annotated[str, typer.Option("--frame-loss", help="--method frames: "
+                          "covariant (refined frames of each pair map onto each other) or "
+                          "descriptor (the hardest-in-batch loss of a frozen --teacher "
+                          "descriptor on patches cut in the refined frames, negatives held "
+                          "constant).")] = "covariant",
+    teacher: Annotated[str | None, typer.Option("--teacher", help="--frame-loss descriptor: "
+                       "the frozen descriptor net (a file or shipped name, e.g. "
+                       "sosnet-cs).")] = None,
+    rotation: Annotated[bool, typer.Option("--rotation", help="--method frames: learn a "
+                        "rotation of the frame too (default: scale only).")] = False,
+    mean_weight: Annotated[float, typer.Option("--mean-weight", min=0.0, help="--method "
+                           "frames: weight of the penalty on the batch's mean rotation and "
+                           "log scale (keeps the refinement free of one global turn or "
+                           "rescaling).")] = 1.0,
 ) -> None:
     """Train a descriptor net (L2-Net, HardNet, SOSNet objectives) with checkpoints and
     validation FPR95; writes <out>/<method>.pt, loadable with --weights.
@@ -438,6 +454,10 @@ def train_cmd(
 
     if not data:
         raise DescmatchError("--data is required (e.g. --data photos:shared/data/photos)")
+    if method != "frames" and (frame_loss != "covariant" or teacher is not None or rotation
+                               or mean_weight != 1.0):
+        raise DescmatchError("--frame-loss, --teacher, --rotation and --mean-weight apply to "
+                             "--method frames")
     if method == "frames":
         from .train.frames import FramesConfig, train_frames
 
@@ -449,7 +469,9 @@ def train_cmd(
             max_tilt=max_tilt, pair_angle=pair_angle, pair_scale=pair_scale,
             pairs_per_image=pairs_per_image, max_images=max_images,
             eval_every=eval_every or 500, checkpoint_every=checkpoint_every, resume=resume,
-            time_limit_s=time_limit, init=init, command="descmatch " + " ".join(sys.argv[1:]))
+            time_limit_s=time_limit, init=init, objective=frame_loss, teacher=teacher,
+            net_conf={"rotation": True} if rotation else {}, mean_weight=mean_weight,
+            command="descmatch " + " ".join(sys.argv[1:]))
         with _progress("train frames") as cb:
             path = train_frames(fcfg, progress=cb)
         _say(f"wrote {path}")

@@ -7,6 +7,7 @@ so every method goes through the same pipeline and files.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -91,16 +92,18 @@ class NetDescriber:
     ``precision`` (fp32 is the reference; bf16/fp16 run under autocast).
 
     With a ``frames`` net, calling the describer first refines the keypoints' frames
-    (:meth:`refine`, in fp32) and describes the patches cut in the refined frames;
+    (:meth:`refine`, in fp32; with ``upright``, sizes only) and describes the patches cut in
+    the refined frames;
     :meth:`describe` and :meth:`describe_many` take the frames as given."""
 
     def __init__(self, net: DescriptorNet, device: torch.device, batch_size: int = 1024,
                  mr_size: float = DEFAULT_MR_SIZE, meta: dict[str, Any] | None = None,
                  precision: str = "fp32", frames: FrameNet | None = None,
-                 frames_mr_size: float = DEFAULT_MR_SIZE) -> None:
+                 frames_mr_size: float = DEFAULT_MR_SIZE, upright: bool = False) -> None:
         self.frames = (fold_batchnorm(frames.eval()).to(device)  # type: ignore[assignment]
                        if frames is not None else None)
         self.frames_mr_size = frames_mr_size
+        self.upright = upright
         self.net = fold_batchnorm(net.eval()).to(device)
         self.device = device
         self.batch_size = batch_size
@@ -139,8 +142,9 @@ class NetDescriber:
         """The keypoints in the frames net's frames (as they are without one)."""
         if self.frames is None or len(kps) == 0:
             return kps
-        return refined_keypoints(self.frames, image, kps, self.device, self.frames_mr_size,
-                                 self.batch_size)
+        out = refined_keypoints(self.frames, image, kps, self.device, self.frames_mr_size,
+                                self.batch_size)
+        return replace(out, angle=kps.angle) if self.upright else out
 
     def describe(self, image: np.ndarray, kps: Keypoints) -> np.ndarray:
         """Descriptors of patches cut in the keypoints' frames as given."""
@@ -207,9 +211,10 @@ def build_describer(method: str, weights: str | None = None,
                     device: torch.device | None = None, batch_size: int | None = None,
                     mr_size: float | None = None,
                     precision: str = DEFAULT_PRECISION,
-                    frames: str | None = FRAMES_AUTO) -> Describer:
+                    frames: str | None = FRAMES_AUTO, upright: bool = False) -> Describer:
     """A describer by method name. Learned nets refine the detector's frames with the
-    ``frames`` net first (:func:`resolve_frames`); SIFT and RootSIFT keep SIFT's frames."""
+    ``frames`` net first (:func:`resolve_frames`); SIFT and RootSIFT keep SIFT's frames.
+    ``upright`` (keypoints of an upright detector): the refiner rescales but never turns."""
     method = resolve_method(method)
     if method in CLASSICAL:
         if weights is not None:
@@ -232,5 +237,5 @@ def build_describer(method: str, weights: str | None = None,
     if batch_size is None:
         batch_size = default_batch_size(device)
     return NetDescriber(loaded.net, device, batch_size, mr_size, meta,
-                        precision, frames_net, frames_mr)
+                        precision, frames_net, frames_mr, upright)
 

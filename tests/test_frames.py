@@ -22,7 +22,7 @@ from descmatch.errors import ConfigError
 from descmatch.h5 import Reader
 from descmatch.images import read_image
 from descmatch.nets import FrameNet, build_net
-from descmatch.train.frames import frame_losses
+from descmatch.train.frames import CONTEXT, CONTEXT_PX, frame_losses, resample
 from descmatch.weights import load_net, save_checkpoint, sha256
 
 
@@ -118,6 +118,23 @@ def test_describer_describes_in_the_refined_frames(tmp_path: Path, scene_dir: Pa
     np.testing.assert_allclose(same(img, kps), plain(img, kps), atol=1e-5)
     with pytest.raises(ConfigError, match="--frames does not apply"):
         build_describer("rootsift", frames=str(frames))
+
+
+def test_a_turning_refiner_turns_frames_except_for_upright_keypoints(
+        tmp_path: Path, scene_dir: Path, ckpt_dir: Path) -> None:
+    net = FrameNet({"rotation": True})
+    torch.nn.init.constant_(net.head.bias, math.atanh(20.0 / 60.0))  # +20 degrees, 1.8**(1/3)
+    frames = save_checkpoint(tmp_path / "turn.pt", net, {})
+    img = read_image(scene_dir / "img0.png")
+    kps = SiftDetector(max_keypoints=40)(img)
+    ups = SiftDetector(max_keypoints=40, upright=True)(img)
+    for upright, k in ((False, kps), (True, ups)):
+        d = build_describer("sosnet", str(ckpt_dir / "sos.pt"), precision="fp32",
+                            frames=str(frames), upright=upright)
+        out = d.refine(img, k)  # type: ignore[attr-defined]
+        np.testing.assert_allclose(out.size, k.size * 1.8 ** (1 / 3), rtol=1e-5)
+        turn = (out.angle - k.angle + 180.0) % 360.0 - 180.0
+        np.testing.assert_allclose(turn, 0.0 if upright else 20.0, atol=1e-3)
 
 
 def test_extract_writes_the_refined_frames(tmp_path: Path, scene_dir: Path, ckpt_dir: Path,
@@ -232,3 +249,96 @@ def test_descriptor_training_with_frames_records_them(
     code, _, err = call_main("train", "--method", "frames", "--data", f"photos:{photos}",
                              "--out", str(tmp_path / "r2"), "--frames", str(frames))
     assert code != 0 and "--frames applies to descriptor nets" in err
+
+
+def test_resample_cuts_patches_as_extract_patches_does_in_the_refined_frames() -> None:
+    from descmatch.patches import extract_patches
+
+    rng = np.random.default_rng(0)
+    img = cv2.GaussianBlur(rng.random((300, 300)).astype(np.float32), (0, 0), 2.0)
+    img = torch.from_numpy((img - img.min()) / (img.max() - img.min()))
+    xy = np.array([[150.0, 150.0], [140.0, 160.0]])
+    size, angle = np.array([6.0, 7.0]), np.array([20.0, 300.0])
+    ctx = extract_patches(img, xy, size, angle, patch_size=CONTEXT_PX, window_factor=CONTEXT)
+    zero = torch.zeros(2)
+    same = resample(ctx, zero, zero, 1.0, 32)
+    torch.testing.assert_close(same, extract_patches(img, xy, size, angle), rtol=0, atol=1e-4)
+    for deg, rho in ((30.0, 0.0), (-40.0, 0.1), (0.0, -0.2)):
+        got = resample(ctx, torch.full((2,), math.radians(deg)), torch.full((2,), rho), 1.0, 32)
+        want = extract_patches(img, xy, size * math.exp(rho), angle + deg)
+        wrong = extract_patches(img, xy, size * math.exp(-rho), angle - deg)
+        err = float((got - want).abs().mean())
+        assert err < 0.012, (deg, rho, err)  # two bilinear interpolations apart
+        assert float((got - wrong).abs().mean()) > 4 * err
+    # Differentiable in the frame.
+    theta = torch.zeros(2, requires_grad=True)
+    rho_t = torch.zeros(2, requires_grad=True)
+    resample(ctx, theta, rho_t, 1.0, 32).square().sum().backward()
+    assert theta.grad is not None and bool((theta.grad != 0).all())
+    assert rho_t.grad is not None and bool((rho_t.grad != 0).all())
+
+
+def test_a_central_surround_teacher_describes_from_context_and_surround(
+        ckpt_dir: Path) -> None:
+    from descmatch.patches import extract_patches
+    from descmatch.train.frames import _teacher_descriptors
+
+    rng = np.random.default_rng(1)
+    img = cv2.GaussianBlur(rng.random((300, 300)).astype(np.float32), (0, 0), 1.5)
+    img = torch.from_numpy((img - img.min()) / (img.max() - img.min()))
+    xy = rng.uniform(100, 200, (40, 2))
+    size, angle = rng.uniform(3, 6, 40), rng.uniform(0, 360, 40)
+    net = load_net("l2net-cs", ckpt_dir / "cs.pt").net.eval()
+    with torch.no_grad():
+        want = net(extract_patches(img, xy, size, angle, patch_size=64, window_factor=2))
+        ctx = extract_patches(img, xy, size, angle, patch_size=CONTEXT_PX,
+                              window_factor=CONTEXT)
+        sur = extract_patches(img, xy, size, angle, patch_size=CONTEXT_PX,
+                              window_factor=2 * CONTEXT)
+        zero = torch.zeros(40)
+        got = _teacher_descriptors(net, (ctx, sur), zero, zero)
+    # The surround stream sees a coarser pyramid level where describe() averages 2x2 pixels.
+    assert float((got * want).sum(1).min()) > 0.95
+
+
+def test_train_frames_through_a_descriptor(tmp_path: Path, ckpt_dir: Path,
+                                           call_main: Callable[..., MainResult]) -> None:
+    photos = _photos(tmp_path / "ph")
+    init = _scaling_frames(tmp_path / "init.pt", math.log(1.1))
+    args = ["train", "--method", "frames", "--data", f"photos:{photos}", "--steps", "4",
+            "--batch-size", "16", "--eval-every", "2", "--max-tilt", "3", "--pair-angle", "75",
+            "--pair-scale", "1.8", "--pairs-per-image", "40", "--seed", "1",
+            "--frame-loss", "descriptor", "--rotation", "--init", str(init)]
+    out = tmp_path / "run"
+    code, _, err = call_main(*args, "--teacher", str(ckpt_dir / "sos.pt"), "--out", str(out))
+    assert code == 0, err
+    ck = torch.load(out / "frames.pt", weights_only=True)
+    meta = ck["meta"]
+    assert meta["teacher_sha256"] == sha256(ckpt_dir / "sos.pt")
+    assert "mutual NN" in meta["headline"]
+    net = load_net("frames", out / "frames.pt").net
+    assert net.rotation and net.conf["max_scale"] == 2.0  # the init's conf, plus rotation
+    log = json.loads((out / "train_log.json").read_text())
+    assert [r["step"] for r in log] == [2, 4]
+    for key in ("descriptor_loss", "detector_mnn", "refined_mnn", "val_descriptor_loss"):
+        assert all(math.isfinite(r[key]) for r in log)
+    pool = np.load(next((out / "pools").glob("*-train.npz")))
+    assert pool["patches"].shape[2:] == (CONTEXT_PX, CONTEXT_PX) and "surround" not in pool
+    # A central-surround teacher: its pools hold the surround too.
+    cs = tmp_path / "cs"
+    code, _, err = call_main(*args, "--teacher", str(ckpt_dir / "cs.pt"), "--out", str(cs))
+    assert code == 0, err
+    pool = np.load(next((cs / "pools").glob("*-train.npz")))
+    assert pool["surround"].shape == pool["patches"].shape
+    log = json.loads((cs / "train_log.json").read_text())
+    assert all(math.isfinite(r["refined_mnn"]) for r in log)
+    # Bad combinations: one line each, nothing written.
+    for extra, msg in ((["--teacher", str(init)], "not descmatch descriptor weights"),
+                       ([], "needs --teacher")):
+        bad = tmp_path / f"bad{len(extra)}"
+        code, _, err = call_main(*args, *extra, "--out", str(bad))
+        assert code != 0 and msg in err and len(err.strip().splitlines()) == 1, err
+        assert not bad.exists()
+    code, _, err = call_main("train", "--method", "sosnet", "--data", f"photos:{photos}",
+                             "--teacher", "sosnet", "--out", str(tmp_path / "x"))
+    assert code != 0 and "apply to --method frames" in err

@@ -151,6 +151,23 @@ def test_hardnet_anchor_swap_finds_harder_negative() -> None:
     assert without == pytest.approx(np_hardnet(a, p, 1.0, False), rel=1e-6)
 
 
+def test_hardnet_constant_negatives_same_value_gradient_only_through_positives() -> None:
+    a0, p0 = t(A3).requires_grad_(True), t(P3).requires_grad_(True)
+    loss = hardnet_loss(a0, p0, constant_negatives=True)
+    assert loss.item() == pytest.approx(np_hardnet(A3, P3, 1.0, True), rel=1e-6)
+    loss.backward()
+    # By hand: d(loss)/d(a_i) = [active_i] / N * (a_i - p_i) / d_pos[i], and the same with
+    # the sign turned for p_i; the hardest negatives contribute nothing.
+    d = np_dist(A3, P3)
+    n = len(A3)
+    neg = [min(min(d[i, j], d[j, i]) for j in range(n) if j != i) for i in range(n)]
+    active = np.array([1.0 + d[i, i] - neg[i] > 0 for i in range(n)], np.float64)
+    g = active[:, None] / n * (A3 - P3) / np.diag(d)[:, None]
+    np.testing.assert_allclose(a0.grad.numpy(), g, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(p0.grad.numpy(), -g, rtol=1e-5, atol=1e-7)
+    assert active.sum() > 0
+
+
 def test_hardnet_ignores_duplicates() -> None:
     # Positive 2 duplicates positive 0: distance(a0, p2) ~ distance(a0, p0) would otherwise be
     # the hardest negative of pair 0; a near-zero one is masked.

@@ -50,8 +50,13 @@ class CentralSurround(DescriptorNet):
         raise NotImplementedError
 
     def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        c = x[:, :, 16:48, 16:48]
-        s = F.avg_pool2d(x, kernel_size=2)
+        return self.forward_streams(x[:, :, 16:48, 16:48], F.avg_pool2d(x, kernel_size=2))
+
+    def forward_streams(self, c: torch.Tensor, s: torch.Tensor
+                        ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """From the two streams' 32x32 inputs: the central window at full resolution and
+        twice the window at half resolution (patches cut so by another route).
+        Shape: c, s (N,1,32,32) -> (N,dim), feature maps."""
         oc, ic = self.center(self.normalize_input(c))
         os_, is_ = self.surround(self.normalize_input(s))
         out = torch.cat([l2_normalize(oc), l2_normalize(os_)], dim=1)

@@ -182,6 +182,7 @@ def hardnet_loss(
     margin: float = 1.0,
     anchor_swap: bool = True,
     duplicate_thresh: float = DUPLICATE_THRESH,
+    constant_negatives: bool = False,
 ) -> Tensor:
     """HardNet's hardest-in-batch triplet margin loss (Mishchuk et al., NIPS'17).
 
@@ -190,14 +191,17 @@ def hardnet_loss(
     ``min_{j!=i} D[j,i]`` (nearest other anchor to positive i); the smaller one is ``d_neg[i]``.
     ``loss = mean_i max(0, margin + d_pos[i] - d_neg[i])``. Off-diagonal entries with
     ``D < duplicate_thresh`` (0.008, as in the original code) are taken for duplicates of the
-    same point and excluded, like the diagonal.
+    same point and excluded, like the diagonal. ``constant_negatives``: no gradient flows
+    through ``d_neg`` (AffNet's "hard negative-constant" loss, for a net that shapes the
+    patches of a fixed descriptor: only the positive pairs are pulled together, while the
+    hinge still follows the hardest negative).
 
     Shape: anchors (N,D), positives (N,D) -> scalar.
     """
     _check_pair(anchors, positives)
     d = distance_matrix(anchors, positives)
     d_pos = d.diagonal()
-    masked = _mask_negatives(d, duplicate_thresh)
+    masked = _mask_negatives(d.detach() if constant_negatives else d, duplicate_thresh)
     d_neg = masked.min(dim=1).values
     if anchor_swap:
         d_neg = torch.minimum(d_neg, masked.min(dim=0).values)

@@ -115,7 +115,8 @@ class PhotoPairs:
 
     Shape: patches (K,2,P,P) uint8 (``[:,0]`` source, ``[:,1]`` warp); src_xy, dst_xy (K,2);
     src_size, src_angle, dst_size, dst_angle (K,) float32; H (3,3) source -> warp pixels.
-    ``mode`` is the pairing actually used ("detected" or "mapped").
+    ``mode`` is the pairing actually used ("detected" or "mapped"). ``surround`` (K,2,P,P)
+    uint8, when asked for: the same pairs cut over twice the window at half the resolution.
     """
 
     patches: np.ndarray
@@ -127,6 +128,7 @@ class PhotoPairs:
     dst_angle: np.ndarray
     H: np.ndarray
     mode: str
+    surround: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.patches.shape[0])
@@ -294,6 +296,7 @@ def photo_pairs(
     detector: SiftDetector | None = None,
     frames: Any = None,
     frames_mr_size: float = DEFAULT_MR_SIZE,
+    surround: bool = False,
 ) -> PhotoPairs:
     """Matching patch pairs of one photo under a random homography and photometric change.
 
@@ -302,6 +305,8 @@ def photo_pairs(
     rotated to the keypoint orientation, from an antialiasing pyramid. With a ``frames`` net
     (:class:`~descmatch.nets.frames.FrameNet`) both keypoints of each pair are cut in its
     refined frames, as the describers that use it cut them; pairing uses the detector's.
+    ``surround``: also cut every pair over twice the window at the same patch size (where
+    the window leaves the image, its border pixels are repeated, as at inference).
 
     Shape: image (H,W) float32 in [0,1] -> PhotoPairs with patches (K,2,P,P) uint8, K <= max_pairs.
     """
@@ -362,19 +367,22 @@ def photo_pairs(
                                         frames_mr_size)
         d_size, d_angle = refine_frames(frames, torch.from_numpy(dst), d_xy, d_size, d_angle,
                                         frames_mr_size)
-    patches = np.empty((k, 2, patch_size, patch_size), np.uint8)
+    factors = (window_factor, 2.0 * window_factor) if surround else (window_factor,)
+    cuts = [np.empty((k, 2, patch_size, patch_size), np.uint8) for _ in factors]
     if k:
         with torch.inference_mode():
             for col, (img, xy, size, ang) in enumerate(
                     ((src, a_xy, a_size, a_angle), (dst, d_xy, d_size, d_angle))):
                 t = torch.from_numpy(img)
-                p = extract_patches(t, xy, size, ang, patch_size=patch_size, mr_size=mr_size,
-                                    window_factor=window_factor, pyramid=build_pyramid(t))
-                patches[:, col] = (p[:, 0] * 255.0 + 0.5).clamp_(0, 255).to(torch.uint8).numpy()
+                pyr = build_pyramid(t)
+                for cut, factor in zip(cuts, factors, strict=True):
+                    p = extract_patches(t, xy, size, ang, patch_size=patch_size,
+                                        mr_size=mr_size, window_factor=factor, pyramid=pyr)
+                    cut[:, col] = (p[:, 0] * 255.0 + 0.5).clamp_(0, 255).to(torch.uint8).numpy()
     f32 = np.float32
-    return PhotoPairs(patches, a_xy.astype(f32), a_size.astype(f32), a_angle.astype(f32),
+    return PhotoPairs(cuts[0], a_xy.astype(f32), a_size.astype(f32), a_angle.astype(f32),
                       np.asarray(d_xy, f32), np.asarray(d_size, f32), np.asarray(d_angle, f32),
-                      h, mode)
+                      h, mode, cuts[1] if surround else None)
 
 
 def load_photo(path: str | Path, max_side: int = 640) -> np.ndarray:
