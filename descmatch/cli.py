@@ -356,7 +356,7 @@ def train_cmd(
                       "--seed, --device, --eval-every, --checkpoint-every, --resume, "
                       "--time-limit, --init, --max-tilt, --pair-angle, --pair-scale, "
                       "--pairs-per-image, --max-images, --frame-loss, --teacher, --rotation, "
-                      "--mean-weight; "
+                      "--width, --mean-weight, --covariant-weight; "
                       "default lr 1e-3).")] = "hardnet",
     data: Annotated[list[str] | None, typer.Option("--data", help="Training data, repeatable: "
                     "[photos|multiview|hpatches|pool|brown:]PATH[@WEIGHT] (photos: "
@@ -433,6 +433,12 @@ def train_cmd(
                        "sosnet-cs).")] = None,
     rotation: Annotated[bool, typer.Option("--rotation", help="--method frames: learn a "
                         "rotation of the frame too (default: scale only).")] = False,
+    width: Annotated[int | None, typer.Option("--width", min=1, help="--method frames: "
+                     "channels of the frame net's first layers (default 16; the net's cost "
+                     "grows with its square).")] = None,
+    covariant_weight: Annotated[float, typer.Option("--covariant-weight", min=0.0,
+                                help="--frame-loss descriptor: add the covariant loss with "
+                                "this weight.")] = 0.0,
     mean_weight: Annotated[float, typer.Option("--mean-weight", min=0.0, help="--method "
                            "frames: weight of the penalty on the batch's mean rotation and "
                            "log scale (keeps the refinement free of one global turn or "
@@ -455,9 +461,9 @@ def train_cmd(
     if not data:
         raise DescmatchError("--data is required (e.g. --data photos:shared/data/photos)")
     if method != "frames" and (frame_loss != "covariant" or teacher is not None or rotation
-                               or mean_weight != 1.0):
-        raise DescmatchError("--frame-loss, --teacher, --rotation and --mean-weight apply to "
-                             "--method frames")
+                               or mean_weight != 1.0 or covariant_weight or width):
+        raise DescmatchError("--frame-loss, --teacher, --rotation, --width, --mean-weight and "
+                             "--covariant-weight apply to --method frames")
     if method == "frames":
         from .train.frames import FramesConfig, train_frames
 
@@ -470,7 +476,9 @@ def train_cmd(
             pairs_per_image=pairs_per_image, max_images=max_images,
             eval_every=eval_every or 500, checkpoint_every=checkpoint_every, resume=resume,
             time_limit_s=time_limit, init=init, objective=frame_loss, teacher=teacher,
-            net_conf={"rotation": True} if rotation else {}, mean_weight=mean_weight,
+            net_conf={**({"rotation": True} if rotation else {}),
+                      **({"width": width} if width else {})},
+            mean_weight=mean_weight, covariant_weight=covariant_weight,
             command="descmatch " + " ".join(sys.argv[1:]))
         with _progress("train frames") as cb:
             path = train_frames(fcfg, progress=cb)

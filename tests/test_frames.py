@@ -308,9 +308,11 @@ def test_train_frames_through_a_descriptor(tmp_path: Path, ckpt_dir: Path,
     args = ["train", "--method", "frames", "--data", f"photos:{photos}", "--steps", "4",
             "--batch-size", "16", "--eval-every", "2", "--max-tilt", "3", "--pair-angle", "75",
             "--pair-scale", "1.8", "--pairs-per-image", "40", "--seed", "1",
-            "--frame-loss", "descriptor", "--rotation", "--init", str(init)]
+            "--frame-loss", "descriptor", "--rotation"]
+    args_init = [*args, "--init", str(init)]
     out = tmp_path / "run"
-    code, _, err = call_main(*args, "--teacher", str(ckpt_dir / "sos.pt"), "--out", str(out))
+    code, _, err = call_main(*args_init, "--teacher", str(ckpt_dir / "sos.pt"), "--out",
+                             str(out))
     assert code == 0, err
     ck = torch.load(out / "frames.pt", weights_only=True)
     meta = ck["meta"]
@@ -324,10 +326,13 @@ def test_train_frames_through_a_descriptor(tmp_path: Path, ckpt_dir: Path,
         assert all(math.isfinite(r[key]) for r in log)
     pool = np.load(next((out / "pools").glob("*-train.npz")))
     assert pool["patches"].shape[2:] == (CONTEXT_PX, CONTEXT_PX) and "surround" not in pool
-    # A central-surround teacher: its pools hold the surround too.
+    # A central-surround teacher (its pools hold the surround too), a narrower net from
+    # scratch, the covariant loss added.
     cs = tmp_path / "cs"
-    code, _, err = call_main(*args, "--teacher", str(ckpt_dir / "cs.pt"), "--out", str(cs))
+    code, _, err = call_main(*args, "--teacher", str(ckpt_dir / "cs.pt"), "--out", str(cs),
+                             "--width", "8", "--covariant-weight", "0.5")
     assert code == 0, err
+    assert load_net("frames", cs / "frames.pt").net.conf["width"] == 8
     pool = np.load(next((cs / "pools").glob("*-train.npz")))
     assert pool["surround"].shape == pool["patches"].shape
     log = json.loads((cs / "train_log.json").read_text())
@@ -336,7 +341,7 @@ def test_train_frames_through_a_descriptor(tmp_path: Path, ckpt_dir: Path,
     for extra, msg in ((["--teacher", str(init)], "not descmatch descriptor weights"),
                        ([], "needs --teacher")):
         bad = tmp_path / f"bad{len(extra)}"
-        code, _, err = call_main(*args, *extra, "--out", str(bad))
+        code, _, err = call_main(*args_init, *extra, "--out", str(bad))
         assert code != 0 and msg in err and len(err.strip().splitlines()) == 1, err
         assert not bad.exists()
     code, _, err = call_main("train", "--method", "sosnet", "--data", f"photos:{photos}",

@@ -113,6 +113,8 @@ class FramesConfig:
         if (self.objective == "descriptor") != (self.teacher is not None):
             raise ConfigError("--frame-loss descriptor needs --teacher (the descriptor weights "
                               "it trains through), and --teacher needs --frame-loss descriptor")
+        if self.covariant_weight and self.objective != "descriptor":
+            raise ConfigError("--covariant-weight adds to --frame-loss descriptor")
         if self.margin <= 0 or self.covariant_weight < 0 or self.mean_weight < 0:
             raise ConfigError("frames: needs margin > 0 and covariant and mean weights >= 0")
 
