@@ -207,6 +207,19 @@ def test_train_frames_refuses_other_sources(tmp_path: Path,
     assert not (tmp_path / "r").exists()
 
 
+def test_frames_config_refuses_inconsistent_objectives(tmp_path: Path) -> None:
+    from descmatch.train.frames import FramesConfig
+
+    for kw, msg in (({"objective": "affine"}, "choose one of"),
+                    ({"objective": "descriptor"}, "needs --teacher"),
+                    ({"teacher": "sosnet"}, "needs --frame-loss descriptor"),
+                    ({"covariant_weight": 1.0}, "adds to --frame-loss descriptor"),
+                    ({"objective": "descriptor", "teacher": "sosnet", "mean_weight": -1.0},
+                     "weights >= 0")):
+        with pytest.raises(ConfigError, match=msg):
+            FramesConfig(data=["photos:x"], out_dir=tmp_path, **kw)
+
+
 def test_frames_is_a_registered_model() -> None:
     assert isinstance(build_net("frames"), FrameNet)
 
