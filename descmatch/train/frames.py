@@ -98,7 +98,6 @@ class FramesConfig:
     net_conf: dict[str, Any] = field(default_factory=dict)
     objective: str = "covariant"
     teacher: str | None = None
-    margin: float = 1.0
     covariant_weight: float = 0.0
     mean_weight: float = 1.0
     command: str = ""
@@ -115,8 +114,8 @@ class FramesConfig:
                               "it trains through), and --teacher needs --frame-loss descriptor")
         if self.covariant_weight and self.objective != "descriptor":
             raise ConfigError("--covariant-weight adds to --frame-loss descriptor")
-        if self.margin <= 0 or self.covariant_weight < 0 or self.mean_weight < 0:
-            raise ConfigError("frames: needs margin > 0 and covariant and mean weights >= 0")
+        if self.covariant_weight < 0 or self.mean_weight < 0:
+            raise ConfigError("frames: needs covariant and mean weights >= 0")
 
     @property
     def context(self) -> bool:
@@ -363,10 +362,10 @@ def _load_teacher(spec: str, device: torch.device) -> tuple[nn.Module, Path, str
     return net, loaded.path, loaded.sha256
 
 
-def _init_from(net: FrameNet, spec: str) -> None:
-    """Start ``net`` from frame-refiner weights; a scale-only refiner starts a rotating one
-    (the rotation output at zero)."""
-    state = load_net("frames", spec).net.state_dict()
+def _init_from(net: FrameNet, init: FrameNet, spec: str) -> None:
+    """Start ``net`` from the frame-refiner ``init`` (read from ``spec``); a scale-only
+    refiner starts a rotating one (the rotation output at zero)."""
+    state = init.state_dict()
     own = net.state_dict()
     w, b = state["head.weight"], state["head.bias"]
     if w.shape[0] == 1 and own["head.weight"].shape[0] == 2:
@@ -411,10 +410,10 @@ def train_frames(cfg: FramesConfig, progress: Progress | None = None) -> Path:
     val = _load_pools([p[1] for p in pools])
     n = len(train["a1"])
 
-    base_conf = load_net("frames", cfg.init).net.conf if cfg.init else {}
-    net = FrameNet({**base_conf, **cfg.net_conf}).to(device)
-    if cfg.init and not cfg.resume:
-        _init_from(net, cfg.init)
+    init = load_net("frames", cfg.init).net if cfg.init else None
+    net = FrameNet({**(init.conf if init else {}), **cfg.net_conf}).to(device)
+    if init is not None and not cfg.resume:
+        _init_from(net, init, cfg.init)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1.0 - s / cfg.steps))
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -462,8 +461,7 @@ def train_frames(cfg: FramesConfig, progress: Progress | None = None) -> Path:
             loss = lo.mean() + ls.mean() + mean
         else:
             d = _teacher_descriptors(teacher, ctx, theta, rho)
-            ld = hardnet_loss(d[:len(lo)], d[len(lo):], margin=cfg.margin,
-                              constant_negatives=True)
+            ld = hardnet_loss(d[:len(lo)], d[len(lo):], constant_negatives=True)
             loss = ld + cfg.covariant_weight * (lo.mean() + ls.mean()) + mean
             run_ld += float(ld.detach())
         opt.zero_grad(set_to_none=True)
