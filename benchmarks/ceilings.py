@@ -7,8 +7,8 @@ under the true homography, summed over pairs 1-2 .. 1-6 and per pair:
   * ``possible@3`` / ``framed@3``: the maximum one-to-one matchings of keypoints within 3 px
     (all, and those whose frames agree), as ``descmatch eval homography`` prints them;
   * the net as shipped (fp32);
-  * the net on domain-size pooled descriptors: the mean of its descriptors at keypoint sizes
-    0.8x, 1x and 1.25x (three times the cost);
+  * the net on domain-size pooled descriptors (``--size-pool 0.8,1,1.25``): the normalised
+    sum of its descriptors at keypoint sizes 0.8x, 1x and 1.25x (three times the cost);
   * the net with an oracle affine frame: every image-i patch is cut in the frame of the true
     local affine map of the homography (its Jacobian at the keypoint, determinant
     normalised), so the foreshortening between the views is removed exactly; orientations
@@ -19,7 +19,8 @@ under the true homography, summed over pairs 1-2 .. 1-6 and per pair:
     and/or size of the one among them whose mapped orientation is nearest its own, so the
     frames of corresponding keypoints agree exactly; it bounds what a keypoint orientation or
     scale estimate (the learned ``frames`` refiner, OriNet) can bring;
-  * the net with the shipped frame refiner (``weights/frames.pt``) when there is one;
+  * the net with the shipped frame refiner (``weights/frames.pt``) when there is one, and
+    with it and the default size pooling (``--size-pool auto``): descmatch's defaults;
   * the net on PCA-whitened and on learned-whitened descriptors (Radenovic et al.'s Lw,
     fitted on ``--whiten-pool`` training pairs) when ``--whiten-pool`` names pair pools.
 
@@ -43,17 +44,6 @@ from descmatch.evaluate import evaluate_homography, read_homography
 from descmatch.geometry import homography_jacobian, map_keypoints
 from descmatch.patches import build_pyramid, extract_patches
 from descmatch.weights import weights_dir
-
-
-class Pooled:
-    """Mean of the net's descriptors over keypoint sizes scaled by ``scales``."""
-
-    def __init__(self, net: NetDescriber, scales: tuple[float, ...]) -> None:
-        self.net, self.scales = net, scales
-
-    def __call__(self, image: np.ndarray, kps) -> np.ndarray:
-        acc = sum(self.net(image, replace(kps, size=kps.size * s, cv=None)) for s in self.scales)
-        return acc / np.linalg.norm(acc, axis=1, keepdims=True)
 
 
 class OracleAffine:
@@ -171,21 +161,26 @@ def main() -> None:
     args = ap.parse_args()
 
     det = SiftDetector(max_keypoints=args.max_keypoints)
-    net = build_describer(args.method, args.weights, precision="fp32", frames="none")
-    assert isinstance(net, NetDescriber), "--method must name a learned net"
+    def built(frames: str = "none", size_pool: str = "none") -> NetDescriber:
+        d = build_describer(args.method, args.weights, precision="fp32", frames=frames,
+                            size_pool=size_pool)
+        assert isinstance(d, NetDescriber), "--method must name a learned net"
+        return d
+
+    net = built()
     runs: list[tuple[str, object]] = [
         ("RootSIFT", build_describer("rootsift")),
         (f"{net.name} ({net.meta.get('weights', '')}, fp32)", net),
-        ("  + size pooling 0.8/1/1.25x", Pooled(net, (0.8, 1.0, 1.25))),
+        ("  + size pooling 0.8/1/1.25x", built(size_pool="0.8,1,1.25")),
         ("  + oracle affine frames (true homography)", OracleAffine(net, args.seq)),
     ]
     if args.oracle_frames:
         runs += [(f"  + oracle {w}", OracleFrames(net, args.seq, w))
                  for w in ("orientation", "scale", "both")]
     if (weights_dir() / "frames.pt").is_file():
-        runs.append(("  + learned scales (weights/frames.pt)",
-                     build_describer(args.method, args.weights, precision="fp32",
-                                     frames="frames")))
+        runs += [("  + learned frames (weights/frames.pt)", built(frames="frames")),
+                 ("  + learned frames and size pooling (the defaults)",
+                  built(frames="frames", size_pool="auto"))]
     if args.whiten_pool:
         runs += [(f"  + {k}", Whitened(net, *v))
                  for k, v in whitenings(net, args.whiten_pool).items()]

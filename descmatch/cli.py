@@ -101,6 +101,10 @@ FramesOpt = Annotated[str, typer.Option("--frames", help="Learned methods: refin
                       "detector's keypoint scales with this frame net first (auto: the "
                       "shipped weights/frames.pt where there is one; none: the detector's "
                       "frames; or a file or shipped name).")]
+SizePoolOpt = Annotated[str, typer.Option("--size-pool", help="Learned methods: describe "
+                        "each keypoint as the normalised sum of its descriptors at these "
+                        "factors of its size (domain-size pooling, e.g. 0.8,1.25; one net "
+                        "pass per factor; auto: the project's default; none: one patch).")]
 HalfOpt = Annotated[bool, typer.Option("--half", help="Store descriptors as float16.")]
 RatioOpt = Annotated[float, typer.Option("--ratio", min=0.0, max=1.0, help="Lowe's ratio "
                      "test threshold on L2 distances (1 disables it).")]
@@ -167,13 +171,13 @@ def _detector(name: DetectorName, max_keypoints: int, upright: bool, dev: Any) -
 def _setup(method: Method, weights: str | None, device: str, batch_size: int | None,
            max_keypoints: int, upright: bool, mr_size: float | None,
            precision: str = DEFAULT_PRECISION,
-           detector: DetectorName = DetectorName.sift, frames: str = "auto"
-           ) -> tuple[Any, Any]:
+           detector: DetectorName = DetectorName.sift, frames: str = "auto",
+           size_pool: str = "auto") -> tuple[Any, Any]:
     from .describe import SiftDescriber, build_describer
 
     dev = _device(device)
     describer = build_describer(method.value, weights, dev, batch_size, mr_size, precision,
-                                frames, upright)
+                                frames, upright, size_pool)
     if detector == DetectorName.dog and isinstance(describer, SiftDescriber):
         raise ConfigError(f"--detector dog: {describer.name} needs OpenCV's SIFT scale space; "
                           "use --detector sift, or a learned --method")
@@ -230,6 +234,7 @@ def extract_cmd(
     mr_size: MrOpt = None,
     precision: PrecisionOpt = DEFAULT_PRECISION,
     frames: FramesOpt = "auto",
+    size_pool: SizePoolOpt = "auto",
     half: HalfOpt = False,
     overwrite: OverwriteOpt = False,
     strict: StrictOpt = False,
@@ -240,7 +245,7 @@ def extract_cmd(
 
     imgs = list_images(images)
     detector, describer = _setup(method, weights, device, batch_size, max_keypoints, upright,
-                                 mr_size, precision, detector, frames)
+                                 mr_size, precision, detector, frames, size_pool)
     with _progress(f"extract {describer.name}") as cb:
         res = extract(imgs, output, describer, detector, resize_max, overwrite, strict,
                       half=half, progress=cb)
@@ -280,6 +285,7 @@ def match_cmd(
     mr_size: MrOpt = None,
     precision: PrecisionOpt = DEFAULT_PRECISION,
     frames: FramesOpt = "auto",
+    size_pool: SizePoolOpt = "auto",
 ) -> None:
     """Match features (FEATURES.h5 OUT.h5), or two images directly (A.jpg B.jpg).
 
@@ -291,7 +297,7 @@ def match_cmd(
     if _looks_like_image(first) and _looks_like_image(second):
         _match_two(Path(first), Path(second), ratio_v, mutual, device, viz, geometry, method,
                    weights, batch_size, max_keypoints, resize_max, upright, mr_size, precision,
-                   detector, frames)
+                   detector, frames, size_pool)
         return
     from .h5 import Reader
     from .match import match
@@ -314,7 +320,7 @@ def _match_two(a: Path, b: Path, ratio: float | None, mutual: bool, device: str,
                viz: Path | None, geometry: Geometry, method: Method, weights: str | None,
                batch_size: int | None, max_keypoints: int, resize_max: int | None,
                upright: bool, mr_size: float | None, precision: str,
-               detector: DetectorName, frames: str) -> None:
+               detector: DetectorName, frames: str, size_pool: str) -> None:
     import torch
 
     from .export.viz import draw_matches, verify, write_image
@@ -324,7 +330,7 @@ def _match_two(a: Path, b: Path, ratio: float | None, mutual: bool, device: str,
 
     t0 = time.perf_counter()
     detector, describer = _setup(method, weights, device, batch_size, max_keypoints, upright,
-                                 mr_size, precision, detector, frames)
+                                 mr_size, precision, detector, frames, size_pool)
     dev = _device(device)
     feats = []
     for p in (a, b):
@@ -518,6 +524,7 @@ def eval_homography(
     mr_size: MrOpt = None,
     precision: PrecisionOpt = DEFAULT_PRECISION,
     frames: FramesOpt = "auto",
+    size_pool: SizePoolOpt = "auto",
     ratio: Annotated[float, typer.Option("--ratio", min=0.0, max=1.0, help="Ratio test "
                      "(1 = none: the protocol is mutual nearest neighbours alone).")] = 1.0,
     mutual: MutualOpt = True,
@@ -531,7 +538,7 @@ def eval_homography(
     from .evaluate import THRESHOLDS, evaluate_homography
 
     detector, describer = _setup(method, weights, device, batch_size, max_keypoints, upright,
-                                 mr_size, precision, detector, frames)
+                                 mr_size, precision, detector, frames, size_pool)
     rows = []
     for seq in sequences:
         rows += evaluate_homography(seq, describer, detector, None if ratio >= 1 else ratio,
@@ -578,6 +585,7 @@ def eval_epipolar(
     mr_size: MrOpt = None,
     precision: PrecisionOpt = DEFAULT_PRECISION,
     frames: FramesOpt = "auto",
+    size_pool: SizePoolOpt = "auto",
     ratio: Annotated[float, typer.Option("--ratio", min=0.0, max=1.0, help="Ratio test "
                      "(1 = none).")] = 1.0,
     mutual: MutualOpt = True,
@@ -589,7 +597,7 @@ def eval_epipolar(
     from .evaluate import evaluate_epipolar
 
     detector, describer = _setup(method, weights, device, batch_size, max_keypoints, upright,
-                                 mr_size, precision, detector, frames)
+                                 mr_size, precision, detector, frames, size_pool)
     rows = []
     for scene in scenes:
         rows += evaluate_epipolar(scene, describer, detector, None if ratio >= 1 else ratio,
@@ -808,6 +816,7 @@ def sfm_cmd(
     mr_size: MrOpt = None,
     precision: PrecisionOpt = DEFAULT_PRECISION,
     frames: FramesOpt = "auto",
+    size_pool: SizePoolOpt = "auto",
     ratio: RatioOpt = DEFAULT_RATIO,
     mutual: MutualOpt = True,
     camera_mode: Annotated[CameraMode, typer.Option("--camera-mode", help="One camera for "
@@ -838,7 +847,7 @@ def sfm_cmd(
     if cameras is not None and not cameras.is_file():
         raise InputError(f"{cameras}: no such cameras file")
     detector, describer = _setup(method, weights, device, batch_size, max_keypoints, upright,
-                                 mr_size, precision, frames=frames)
+                                 mr_size, precision, frames=frames, size_pool=size_pool)
     cfg = SfmConfig(pairs=pairs, camera_mode=camera_mode.value, verify=verify,
                     ratio=None if ratio >= 1.0 else ratio, mutual=mutual, max_side=resize_max,
                     device=_device(device), num_threads=threads, seed=seed,

@@ -94,12 +94,21 @@ class NetDescriber:
     With a ``frames`` net, calling the describer first refines the keypoints' frames
     (:meth:`refine`, in fp32; with ``upright``, sizes only) and describes the patches cut in
     the refined frames;
-    :meth:`describe` and :meth:`describe_many` take the frames as given."""
+    :meth:`describe` and :meth:`describe_many` take the frames as given.
+
+    ``size_pool`` (factors of the keypoint size, e.g. (0.8, 1.25)): domain-size pooling, as in
+    DSP-SIFT (Dong and Soatto, CVPR'15): the descriptor is the normalised sum of the net's
+    descriptors of patches cut at each of these sizes, which evens out the detector's scale
+    errors at len(size_pool) times the net's cost; (1.0,) describes the one patch."""
 
     def __init__(self, net: DescriptorNet, device: torch.device, batch_size: int = 1024,
                  mr_size: float = DEFAULT_MR_SIZE, meta: dict[str, Any] | None = None,
                  precision: str = "fp32", frames: FrameNet | None = None,
-                 frames_mr_size: float = DEFAULT_MR_SIZE, upright: bool = False) -> None:
+                 frames_mr_size: float = DEFAULT_MR_SIZE, upright: bool = False,
+                 size_pool: tuple[float, ...] = (1.0,)) -> None:
+        if not size_pool or any(not 0 < f < 10 for f in size_pool):
+            raise ConfigError(f"size pooling: needs factors between 0 and 10, got {size_pool}")
+        self.size_pool = tuple(float(f) for f in size_pool)
         self.frames = (fold_batchnorm(frames.eval()).to(device)  # type: ignore[assignment]
                        if frames is not None else None)
         self.frames_mr_size = frames_mr_size
@@ -117,11 +126,22 @@ class NetDescriber:
 
     @torch.inference_mode()
     def patches(self, image: np.ndarray, kps: Keypoints) -> torch.Tensor:
+        """The patches of every keypoint at each ``size_pool`` factor, factor-major.
+        Shape: -> (len(size_pool) * N,1,P,P)."""
         img = torch.from_numpy(image).to(self.device)
-        return extract_patches(img, kps.xy, kps.size, kps.angle,
-                               patch_size=self.net.patch_size, mr_size=self.mr_size,
-                               window_factor=self.net.window_factor,
-                               pyramid=build_pyramid(img))
+        pyramid = build_pyramid(img)
+        return torch.cat([extract_patches(img, kps.xy, kps.size * f, kps.angle,
+                                          patch_size=self.net.patch_size, mr_size=self.mr_size,
+                                          window_factor=self.net.window_factor,
+                                          pyramid=pyramid) for f in self.size_pool])
+
+    def _pool(self, desc: torch.Tensor) -> torch.Tensor:
+        """Descriptors of :meth:`patches` (factor-major) -> one per keypoint: the normalised
+        sum over the factors. Shape: (F*N,D) -> (N,D)."""
+        if len(self.size_pool) == 1:
+            return desc
+        return torch.nn.functional.normalize(
+            desc.reshape(len(self.size_pool), -1, desc.shape[1]).sum(0), dim=1)
 
     @torch.inference_mode()
     def describe_patches(self, patches: torch.Tensor) -> torch.Tensor:
@@ -150,7 +170,7 @@ class NetDescriber:
         """Descriptors of patches cut in the keypoints' frames as given."""
         if len(kps) == 0:
             return np.zeros((0, self.dim), np.float32)
-        return self.describe_patches(self.patches(image, kps)).cpu().numpy()
+        return self._pool(self.describe_patches(self.patches(image, kps))).cpu().numpy()
 
     def __call__(self, image: np.ndarray, kps: Keypoints) -> np.ndarray:
         return self.describe(image, self.refine(image, kps))
@@ -159,8 +179,11 @@ class NetDescriber:
     def pack_patches(self) -> int:
         """How many patches :func:`~descmatch.extract.extract` gathers across images before
         calling the net: on CUDA a full batch, so images with few keypoints still fill the
-        device; on the CPU 0 (per image: batches of 256 fill the cores already)."""
-        return self.batch_size if self.device.type == "cuda" else 0
+        device (a batch of patches: each keypoint has one per size-pooling factor); on the
+        CPU 0 (per image: batches of 256 fill the cores already)."""
+        if self.device.type != "cuda":
+            return 0
+        return max(1, self.batch_size // len(self.size_pool))
 
     def describe_many(self, items: list[tuple[np.ndarray, Keypoints]]) -> list[np.ndarray]:
         """Several images in one pass of the net: their patches cut per image (in the frames
@@ -170,8 +193,11 @@ class NetDescriber:
         cut = [self.patches(img, k) for img, k in items if len(k)]
         if not cut:
             return [np.zeros((0, self.dim), np.float32) for _ in items]
-        desc = self.describe_patches(torch.cat(cut)).cpu().numpy()
-        return list(np.split(desc, np.cumsum(counts)[:-1]))
+        desc = self.describe_patches(torch.cat(cut))
+        f = len(self.size_pool)
+        parts = torch.split(desc, [f * c for c in counts if c])
+        pooled = iter([self._pool(p).cpu().numpy() for p in parts])
+        return [next(pooled) if c else np.zeros((0, self.dim), np.float32) for c in counts]
 
 
 def method_choices() -> list[str]:
@@ -207,13 +233,37 @@ def resolve_frames(frames: str | None) -> str | None:
     return frames
 
 
+SIZE_POOL_AUTO = "auto"
+#: The factors ``--size-pool auto`` pools over (chosen on the dev sets: README, Measurements).
+DEFAULT_SIZE_POOL: tuple[float, ...] = (0.7, 1.4)
+
+
+def resolve_size_pool(spec: str | None) -> tuple[float, ...]:
+    """``--size-pool``: ``auto`` :data:`DEFAULT_SIZE_POOL`, ``none`` (or None) one patch
+    (1.0,), else comma-separated size factors such as ``0.8,1.25``."""
+    if spec is None or spec == "none":
+        return (1.0,)
+    if spec == SIZE_POOL_AUTO:
+        return DEFAULT_SIZE_POOL
+    try:
+        factors = tuple(float(f) for f in spec.split(","))
+    except ValueError:
+        factors = ()
+    if not factors or any(not 0 < f < 10 for f in factors):
+        raise ConfigError(f"--size-pool {spec}: expected auto, none or comma-separated size "
+                          "factors between 0 and 10, such as 0.8,1.25")
+    return factors
+
+
 def build_describer(method: str, weights: str | None = None,
                     device: torch.device | None = None, batch_size: int | None = None,
                     mr_size: float | None = None,
                     precision: str = DEFAULT_PRECISION,
-                    frames: str | None = FRAMES_AUTO, upright: bool = False) -> Describer:
+                    frames: str | None = FRAMES_AUTO, upright: bool = False,
+                    size_pool: str | None = SIZE_POOL_AUTO) -> Describer:
     """A describer by method name. Learned nets refine the detector's frames with the
-    ``frames`` net first (:func:`resolve_frames`); SIFT and RootSIFT keep SIFT's frames.
+    ``frames`` net first (:func:`resolve_frames`) and pool their descriptors over the sizes
+    of ``size_pool`` (:func:`resolve_size_pool`); SIFT and RootSIFT keep SIFT's frames.
     ``upright`` (keypoints of an upright detector): the refiner rescales but never turns."""
     method = resolve_method(method)
     if method in CLASSICAL:
@@ -221,7 +271,10 @@ def build_describer(method: str, weights: str | None = None,
             raise ConfigError(f"--weights does not apply to --method {method}")
         if frames not in (None, "none", FRAMES_AUTO):
             raise ConfigError(f"--frames does not apply to --method {method}")
+        if size_pool not in (None, "none", SIZE_POOL_AUTO):
+            raise ConfigError(f"--size-pool does not apply to --method {method}")
         return SiftDescriber(root=method == "rootsift")
+    pool = resolve_size_pool(size_pool)
     loaded = load_net(method, weights)
     if mr_size is None:
         mr_size = float(loaded.meta.get("mr_size", DEFAULT_MR_SIZE))
@@ -233,9 +286,11 @@ def build_describer(method: str, weights: str | None = None,
         frames_net = refiner.net
         frames_mr = float(refiner.meta.get("mr_size", DEFAULT_MR_SIZE))
         meta.update(frames=refiner.path.name, frames_sha256=refiner.sha256)
+    if pool != (1.0,):
+        meta["size_pool"] = list(pool)
     device = device or torch.device("cpu")
     if batch_size is None:
         batch_size = default_batch_size(device)
     return NetDescriber(loaded.net, device, batch_size, mr_size, meta,
-                        precision, frames_net, frames_mr, upright)
+                        precision, frames_net, frames_mr, upright, pool)
 

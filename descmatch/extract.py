@@ -120,6 +120,8 @@ def extract(
         settings["mr_size"] = describer.mr_size
     if describer is not None and describer.meta.get("frames_sha256"):
         settings["frames_sha256"] = describer.meta["frames_sha256"]
+    if describer is not None and describer.meta.get("size_pool"):
+        settings["size_pool"] = describer.meta["size_pool"]
     attrs = {
         "method": describer.name if describer else "none",
         "descriptor_dim": describer.dim if describer else 0,

@@ -251,11 +251,14 @@ def test_checkpoint_loads_and_extracts(hardnet_ckpt: Path, scene_dir: Path,
             assert d.shape == (128, 150) and d.dtype == np.float32
             np.testing.assert_allclose(np.linalg.norm(d, axis=0), 1.0, atol=1e-4)
             assert np.isfinite(d).all()
-    # The stored descriptors are the net's output on the patches.
+    # The stored descriptors are the net's output on the patches, summed over the default
+    # size pooling's factors and normalised.
     img = read_image(scene_dir / "img0.png")
     kps = SiftDetector(max_keypoints=150)(img)
     with torch.inference_mode():
         ref = loaded.net(describer.patches(img, kps)).numpy()
+    ref = ref.reshape(len(describer.size_pool), len(kps), -1).sum(0)
+    ref /= np.linalg.norm(ref, axis=1, keepdims=True)
     np.testing.assert_allclose(read_features(out, "img0.png")["descriptors"].T, ref,
                                atol=1e-4)
 
@@ -279,7 +282,9 @@ def test_images_packed_into_one_net_call_give_the_same_file(
     out = tmp_path / "packed.h5"
     res = run_extract(scene_dir, out, describer, max_keypoints=150,
                       progress=lambda i, n, name: seen.append((i, n, name)))
-    assert passes == {0: [150, 150, 150], 200: [300, 150], 10**6: [450]}[pack]
+    f = len(describer.size_pool)  # patches per keypoint (size pooling)
+    assert passes == [f * n for n in {0: [150, 150, 150], 200: [300, 150],
+                                      10**6: [450]}[pack]]
     assert res.images == 3 and [s[:2] for s in seen] == [(1, 3), (2, 3), (3, 3)]
     for key in ("img0.png", "img1.png", "img2.png"):
         a, b = read_features(ref, key), read_features(out, key)
@@ -299,7 +304,8 @@ def test_central_surround_checkpoint_extracts(ckpt_dir: Path, scene_dir: Path) -
     assert describer.dim == 256
     img = read_image(scene_dir / "img0.png")
     kps = SiftDetector(max_keypoints=40)(img)
-    assert describer.patches(img, kps).shape == (40, 1, 64, 64)  # type: ignore[attr-defined]
+    f = len(describer.size_pool)  # type: ignore[attr-defined]
+    assert describer.patches(img, kps).shape == (f * 40, 1, 64, 64)  # type: ignore[attr-defined]
     d = describer(img, kps)
     assert d.shape == (40, 256)
     np.testing.assert_allclose(np.linalg.norm(d, axis=1), 1.0, atol=1e-4)
