@@ -449,6 +449,10 @@ def train_cmd(
                            "frames: weight of the penalty on the batch's mean rotation and "
                            "log scale (keeps the refinement free of one global turn or "
                            "rescaling).")] = 1.0,
+    teacher_size_pool: Annotated[str, typer.Option("--teacher-size-pool", help="--frame-loss "
+                                 "descriptor: the teacher's descriptors size-pooled over "
+                                 "these factors, as --size-pool describes (none: one "
+                                 "patch).")] = "none",
 ) -> None:
     """Train a descriptor net (L2-Net, HardNet, SOSNet objectives) with checkpoints and
     validation FPR95; writes <out>/<method>.pt, loadable with --weights.
@@ -467,10 +471,13 @@ def train_cmd(
     if not data:
         raise DescmatchError("--data is required (e.g. --data photos:shared/data/photos)")
     if method != "frames" and (frame_loss != "covariant" or teacher is not None or rotation
-                               or mean_weight != 1.0 or covariant_weight or width):
-        raise DescmatchError("--frame-loss, --teacher, --rotation, --width, --mean-weight and "
-                             "--covariant-weight apply to --method frames")
+                               or mean_weight != 1.0 or covariant_weight or width
+                               or teacher_size_pool != "none"):
+        raise DescmatchError("--frame-loss, --teacher, --rotation, --width, --mean-weight, "
+                             "--covariant-weight and --teacher-size-pool apply to --method "
+                             "frames")
     if method == "frames":
+        from .describe import resolve_size_pool
         from .train.frames import FramesConfig, train_frames
 
         if frames is not None:
@@ -485,6 +492,7 @@ def train_cmd(
             net_conf={**({"rotation": True} if rotation else {}),
                       **({"width": width} if width else {})},
             mean_weight=mean_weight, covariant_weight=covariant_weight,
+            teacher_size_pool=resolve_size_pool(teacher_size_pool),
             command="descmatch " + " ".join(sys.argv[1:]))
         with _progress("train frames") as cb:
             path = train_frames(fcfg, progress=cb)

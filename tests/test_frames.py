@@ -215,7 +215,10 @@ def test_frames_config_refuses_inconsistent_objectives(tmp_path: Path) -> None:
                     ({"teacher": "sosnet"}, "needs --frame-loss descriptor"),
                     ({"covariant_weight": 1.0}, "adds to --frame-loss descriptor"),
                     ({"objective": "descriptor", "teacher": "sosnet", "mean_weight": -1.0},
-                     "weights >= 0")):
+                     "weights >= 0"),
+                    ({"teacher_size_pool": (0.7, 1.4)}, "applies to --frame-loss descriptor"),
+                    ({"objective": "descriptor", "teacher": "sosnet",
+                      "teacher_size_pool": (0.0, 1.0)}, "between 0 and 10")):
         with pytest.raises(ConfigError, match=msg):
             FramesConfig(data=["photos:x"], out_dir=tmp_path, **kw)
 
@@ -312,6 +315,18 @@ def test_a_central_surround_teacher_describes_from_context_and_surround(
         got = _teacher_descriptors(net, (ctx, sur), zero, zero)
     # The surround stream sees a coarser pyramid level where describe() averages 2x2 pixels.
     assert float((got * want).sum(1).min()) > 0.95
+    # Size-pooled: the normalised sum of the descriptors at each factor of the size, and
+    # close to what the describer's --size-pool computes from the image.
+    with torch.no_grad():
+        pooled = _teacher_descriptors(net, (ctx, sur), zero, zero, (0.7, 1.4))
+        parts = [_teacher_descriptors(net, (ctx, sur), zero, zero + math.log(f))
+                 for f in (0.7, 1.4)]
+        want = net(torch.cat([extract_patches(img, xy, size * f, angle, patch_size=64,
+                                              window_factor=2) for f in (0.7, 1.4)]))
+    torch.testing.assert_close(pooled, torch.nn.functional.normalize(parts[0] + parts[1]))
+    want = torch.nn.functional.normalize(want[:40] + want[40:])
+    assert float((pooled * want).sum(1).min()) > 0.95
+    assert float((pooled * got).sum(1).mean()) < 0.999  # pooling changes the descriptor
 
 
 def test_train_frames_through_a_descriptor(tmp_path: Path, ckpt_dir: Path,
@@ -343,9 +358,12 @@ def test_train_frames_through_a_descriptor(tmp_path: Path, ckpt_dir: Path,
     # scratch, the covariant loss added.
     cs = tmp_path / "cs"
     code, _, err = call_main(*args, "--teacher", str(ckpt_dir / "cs.pt"), "--out", str(cs),
-                             "--width", "8", "--covariant-weight", "0.5")
+                             "--width", "8", "--covariant-weight", "0.5",
+                             "--teacher-size-pool", "0.7,1.4")
     assert code == 0, err
     assert load_net("frames", cs / "frames.pt").net.conf["width"] == 8
+    ck = torch.load(cs / "frames.pt", weights_only=True)
+    assert tuple(ck["meta"]["config"]["teacher_size_pool"]) == (0.7, 1.4)
     pool = np.load(next((cs / "pools").glob("*-train.npz")))
     assert pool["surround"].shape == pool["patches"].shape
     log = json.loads((cs / "train_log.json").read_text())
@@ -359,4 +377,7 @@ def test_train_frames_through_a_descriptor(tmp_path: Path, ckpt_dir: Path,
         assert not bad.exists()
     code, _, err = call_main("train", "--method", "sosnet", "--data", f"photos:{photos}",
                              "--teacher", "sosnet", "--out", str(tmp_path / "x"))
+    assert code != 0 and "apply to --method frames" in err
+    code, _, err = call_main("train", "--method", "sosnet", "--data", f"photos:{photos}",
+                             "--teacher-size-pool", "auto", "--out", str(tmp_path / "x"))
     assert code != 0 and "apply to --method frames" in err

@@ -100,6 +100,7 @@ class FramesConfig:
     teacher: str | None = None
     covariant_weight: float = 0.0
     mean_weight: float = 1.0
+    teacher_size_pool: tuple[float, ...] = (1.0,)
     command: str = ""
 
     def __post_init__(self) -> None:
@@ -116,6 +117,12 @@ class FramesConfig:
             raise ConfigError("--covariant-weight adds to --frame-loss descriptor")
         if self.covariant_weight < 0 or self.mean_weight < 0:
             raise ConfigError("frames: needs covariant and mean weights >= 0")
+        self.teacher_size_pool = tuple(float(f) for f in self.teacher_size_pool)
+        if self.teacher_size_pool != (1.0,) and self.teacher is None:
+            raise ConfigError("--teacher-size-pool applies to --frame-loss descriptor")
+        if not self.teacher_size_pool or any(not 0 < f < 10 for f in self.teacher_size_pool):
+            raise ConfigError(f"--teacher-size-pool {self.teacher_size_pool}: needs factors "
+                              "between 0 and 10")
 
     @property
     def context(self) -> bool:
@@ -285,10 +292,15 @@ def _batch_losses(net: FrameNet, b: dict[str, Tensor], device: torch.device,
 
 
 def _teacher_descriptors(teacher: nn.Module, ctx: tuple[Tensor, Tensor | None], theta: Tensor,
-                         rho: Tensor) -> Tensor:
+                         rho: Tensor, size_pool: tuple[float, ...] = (1.0,)) -> Tensor:
     """The teacher's descriptors of pool patches in the given frames: a central-surround
     teacher's streams from the context and the surround (each cut to 32x32 over one of their
-    windows), a plain one's from the context. Shape: -> (2N,D)."""
+    windows), a plain one's from the context. With ``size_pool`` factors, the normalised sum
+    of the descriptors at those factors of the size, as ``--size-pool`` describes.
+    Shape: -> (2N,D)."""
+    if size_pool != (1.0,):
+        return F.normalize(sum(_teacher_descriptors(teacher, ctx, theta, rho + math.log(f))
+                               for f in size_pool), dim=1)
     x, xs = ctx
     c = resample(x, theta, rho, 1.0, 32)
     if isinstance(teacher, CentralSurround):
@@ -311,11 +323,13 @@ def mutual_nn_share(d1: Tensor, d2: Tensor) -> Tensor:
 
 @torch.no_grad()
 def validate(net: FrameNet, val: dict[str, Tensor], device: torch.device,
-             teacher: nn.Module | None = None, batch: int = VAL_GROUP) -> dict[str, float]:
+             teacher: nn.Module | None = None, batch: int = VAL_GROUP,
+             teacher_size_pool: tuple[float, ...] = (1.0,)) -> dict[str, float]:
     """Shares of validation pairs whose frames disagree by > 30 degrees or > 1.5x, and
     either, with the detector's frames and the refined ones; mean losses. With a ``teacher``
-    descriptor, also the share of pairs that are mutual nearest neighbours among groups of
-    ``batch`` pairs (``*_mnn``) and the descriptor loss (``val_descriptor_loss``)."""
+    descriptor (size-pooled over ``teacher_size_pool``), also the share of pairs that are
+    mutual nearest neighbours among groups of ``batch`` pairs (``*_mnn``) and the descriptor
+    loss (``val_descriptor_loss``)."""
     was = net.training
     net.eval()
     acc: dict[str, list[Tensor]] = {k: [] for k in ("lo0", "ls0", "lo", "ls", "m0", "m", "ld")}
@@ -329,8 +343,8 @@ def validate(net: FrameNet, val: dict[str, Tensor], device: torch.device,
         if teacher is not None and len(lo) >= 2:
             k = len(lo)
             zero = torch.zeros_like(theta)
-            d0 = _teacher_descriptors(teacher, ctx, zero, zero)
-            d = _teacher_descriptors(teacher, ctx, theta, rho)
+            d0 = _teacher_descriptors(teacher, ctx, zero, zero, teacher_size_pool)
+            d = _teacher_descriptors(teacher, ctx, theta, rho, teacher_size_pool)
             acc["m0"].append(mutual_nn_share(d0[:k], d0[k:]).cpu())
             acc["m"].append(mutual_nn_share(d[:k], d[k:]).cpu())
             acc["ld"].append(hardnet_loss(d[:k], d[k:]).reshape(1).cpu())
@@ -460,7 +474,7 @@ def train_frames(cfg: FramesConfig, progress: Progress | None = None) -> Path:
         if teacher is None:
             loss = lo.mean() + ls.mean() + mean
         else:
-            d = _teacher_descriptors(teacher, ctx, theta, rho)
+            d = _teacher_descriptors(teacher, ctx, theta, rho, cfg.teacher_size_pool)
             ld = hardnet_loss(d[:len(lo)], d[len(lo):], constant_negatives=True)
             loss = ld + cfg.covariant_weight * (lo.mean() + ls.mean()) + mean
             run_ld += float(ld.detach())
@@ -480,7 +494,8 @@ def train_frames(cfg: FramesConfig, progress: Progress | None = None) -> Path:
         if step % cfg.eval_every == 0 or last or timed_out:
             metrics = {"step": step, "angle_loss": run_lo / run_k, "scale_loss": run_ls / run_k,
                        **({"descriptor_loss": run_ld / run_k} if teacher is not None else {}),
-                       "lr": sched.get_last_lr()[0], **validate(net, val, device, teacher),
+                       "lr": sched.get_last_lr()[0], **validate(net, val, device, teacher,
+                                                     teacher_size_pool=cfg.teacher_size_pool),
                        "seconds": elapsed()}
             log_rows.append(metrics)
             run_lo = run_ls = run_ld = 0.0
