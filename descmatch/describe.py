@@ -106,9 +106,7 @@ class NetDescriber:
                  precision: str = "fp32", frames: FrameNet | None = None,
                  frames_mr_size: float = DEFAULT_MR_SIZE, upright: bool = False,
                  size_pool: tuple[float, ...] = (1.0,)) -> None:
-        if not size_pool or any(not 0 < f < 10 for f in size_pool):
-            raise ConfigError(f"size pooling: needs factors between 0 and 10, got {size_pool}")
-        self.size_pool = tuple(float(f) for f in size_pool)
+        self.size_pool = check_size_pool(size_pool, "size pooling")
         self.frames = (fold_batchnorm(frames.eval()).to(device)  # type: ignore[assignment]
                        if frames is not None else None)
         self.frames_mr_size = frames_mr_size
@@ -238,6 +236,15 @@ SIZE_POOL_AUTO = "auto"
 DEFAULT_SIZE_POOL: tuple[float, ...] = (0.7, 1.4)
 
 
+def check_size_pool(factors: tuple[float, ...], what: str) -> tuple[float, ...]:
+    """Size-pooling factors as floats; at least one, each between 0 and 10 (else a
+    ConfigError naming ``what``)."""
+    if not factors or any(not 0 < f < 10 for f in factors):
+        raise ConfigError(f"{what}: expected size factors between 0 and 10, such as 0.8,1.25; "
+                          f"got {','.join(map(str, factors)) or 'none'}")
+    return tuple(float(f) for f in factors)
+
+
 def resolve_size_pool(spec: str | None) -> tuple[float, ...]:
     """``--size-pool``: ``auto`` :data:`DEFAULT_SIZE_POOL`, ``none`` (or None) one patch
     (1.0,), else comma-separated size factors such as ``0.8,1.25``."""
@@ -248,11 +255,9 @@ def resolve_size_pool(spec: str | None) -> tuple[float, ...]:
     try:
         factors = tuple(float(f) for f in spec.split(","))
     except ValueError:
-        factors = ()
-    if not factors or any(not 0 < f < 10 for f in factors):
         raise ConfigError(f"--size-pool {spec}: expected auto, none or comma-separated size "
-                          "factors between 0 and 10, such as 0.8,1.25")
-    return factors
+                          "factors between 0 and 10, such as 0.8,1.25") from None
+    return check_size_pool(factors, f"--size-pool {spec}")
 
 
 def build_describer(method: str, weights: str | None = None,

@@ -51,6 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..describe import check_size_pool
 from ..errors import ConfigError, OutputError
 from ..geometry import homography_jacobian
 from ..nets import NETS
@@ -117,12 +118,10 @@ class FramesConfig:
             raise ConfigError("--covariant-weight adds to --frame-loss descriptor")
         if self.covariant_weight < 0 or self.mean_weight < 0:
             raise ConfigError("frames: needs covariant and mean weights >= 0")
-        self.teacher_size_pool = tuple(float(f) for f in self.teacher_size_pool)
+        self.teacher_size_pool = check_size_pool(tuple(self.teacher_size_pool),
+                                                 "--teacher-size-pool")
         if self.teacher_size_pool != (1.0,) and self.teacher is None:
             raise ConfigError("--teacher-size-pool applies to --frame-loss descriptor")
-        if not self.teacher_size_pool or any(not 0 < f < 10 for f in self.teacher_size_pool):
-            raise ConfigError(f"--teacher-size-pool {self.teacher_size_pool}: needs factors "
-                              "between 0 and 10")
 
     @property
     def context(self) -> bool:
