@@ -136,10 +136,11 @@ class NetDescriber:
     def _pool(self, desc: torch.Tensor) -> torch.Tensor:
         """Descriptors of :meth:`patches` (factor-major) -> one per keypoint: the normalised
         sum over the factors. Shape: (F*N,D) -> (N,D)."""
-        if len(self.size_pool) == 1:
+        f = len(self.size_pool)
+        if f == 1:
             return desc
         return torch.nn.functional.normalize(
-            desc.reshape(len(self.size_pool), -1, desc.shape[1]).sum(0), dim=1)
+            desc.reshape(f, desc.shape[0] // f, desc.shape[1]).sum(0), dim=1)
 
     @torch.inference_mode()
     def describe_patches(self, patches: torch.Tensor) -> torch.Tensor:
@@ -192,10 +193,8 @@ class NetDescriber:
         if not cut:
             return [np.zeros((0, self.dim), np.float32) for _ in items]
         desc = self.describe_patches(torch.cat(cut))
-        f = len(self.size_pool)
-        parts = torch.split(desc, [f * c for c in counts if c])
-        pooled = iter([self._pool(p).cpu().numpy() for p in parts])
-        return [next(pooled) if c else np.zeros((0, self.dim), np.float32) for c in counts]
+        parts = torch.split(desc, [len(self.size_pool) * c for c in counts])
+        return [self._pool(p).cpu().numpy() for p in parts]
 
 
 def method_choices() -> list[str]:
