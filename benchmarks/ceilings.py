@@ -66,10 +66,17 @@ class OracleAffine:
         g = np.einsum("nji,nj->ni", shape, np.stack([np.cos(t), np.sin(t)], 1))
         angle = np.rad2deg(np.arctan2(g[:, 1], g[:, 0])) % 360.0
         img = torch.from_numpy(image)
-        patches = extract_patches(img, kps.xy, kps.size, angle, mr_size=self.net.mr_size,
-                                  patch_size=self.net.net.patch_size,
-                                  window_factor=self.net.net.window_factor,
-                                  pyramid=build_pyramid(img), shape=shape.astype(np.float32))
+        patches = extract_patches(
+            img,
+            kps.xy,
+            kps.size,
+            angle,
+            mr_size=self.net.mr_size,
+            patch_size=self.net.net.patch_size,
+            window_factor=self.net.net.window_factor,
+            pyramid=build_pyramid(img),
+            shape=shape.astype(np.float32),
+        )
         return self.net.describe_patches(patches).numpy()
 
 
@@ -95,8 +102,11 @@ class OracleFrames:
         lo = np.searchsorted(xs, kps.xy[:, 0] - 3.0)
         hi = np.searchsorted(xs, kps.xy[:, 0] + 3.0, side="right")
         ii = np.repeat(np.arange(len(kps)), hi - lo)
-        jj = order[np.concatenate([np.arange(a, b) for a, b in zip(lo, hi, strict=True)]
-                                  or [np.zeros(0, np.int64)]).astype(np.int64)]
+        jj = order[
+            np.concatenate(
+                [np.arange(a, b) for a, b in zip(lo, hi, strict=True)] or [np.zeros(0, np.int64)]
+            ).astype(np.int64)
+        ]
         near = np.linalg.norm(uv[jj] - kps.xy[ii], axis=1) <= 3.0
         ii, jj = ii[near], jj[near]
         diff = np.abs((angle1[jj] - kps.angle[ii] + 180.0) % 360.0 - 180.0)
@@ -127,8 +137,9 @@ def _inv_sqrt(c: np.ndarray) -> np.ndarray:
     return u @ np.diag(np.maximum(w, 1e-12) ** -0.5) @ u.T
 
 
-def whitenings(net: NetDescriber, pools: list[str], per_pool: int = 20000
-               ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def whitenings(
+    net: NetDescriber, pools: list[str], per_pool: int = 20000
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """PCA whitening and learned whitening (Lw: whiten the matching pairs' difference
     covariance, then rotate to the principal axes of all descriptors) from pool pairs."""
     from descmatch.train.pool import PairPool
@@ -137,8 +148,7 @@ def whitenings(net: NetDescriber, pools: list[str], per_pool: int = 20000
     a, b = [], []
     for path in pools:
         pool = PairPool.load(path)
-        idx = np.sort(rng.choice(pool.num_points, min(per_pool, pool.num_points),
-                                 replace=False))
+        idx = np.sort(rng.choice(pool.num_points, min(per_pool, pool.num_points), replace=False))
         pairs = torch.from_numpy(pool.gather(idx)).float() / 255
         a.append(net.describe_patches(pairs[:, :1]).numpy())
         b.append(net.describe_patches(pairs[:, 1:]).numpy())
@@ -161,9 +171,11 @@ def main() -> None:
     args = ap.parse_args()
 
     det = SiftDetector(max_keypoints=args.max_keypoints)
+
     def built(frames: str = "none", size_pool: str = "none") -> NetDescriber:
-        d = build_describer(args.method, args.weights, precision="fp32", frames=frames,
-                            size_pool=size_pool)
+        d = build_describer(
+            args.method, args.weights, precision="fp32", frames=frames, size_pool=size_pool
+        )
         assert isinstance(d, NetDescriber), "--method must name a learned net"
         return d
 
@@ -175,25 +187,40 @@ def main() -> None:
         ("  + oracle affine frames (true homography)", OracleAffine(net, args.seq)),
     ]
     if args.oracle_frames:
-        runs += [(f"  + oracle {w}", OracleFrames(net, args.seq, w))
-                 for w in ("orientation", "scale", "both")]
+        runs += [
+            (f"  + oracle {w}", OracleFrames(net, args.seq, w))
+            for w in ("orientation", "scale", "both")
+        ]
     if (weights_dir() / "frames.pt").is_file():
-        runs += [("  + learned frames (weights/frames.pt)", built(frames="frames")),
-                 ("  + learned frames and size pooling (the defaults)",
-                  built(frames="frames", size_pool="auto"))]
+        runs += [
+            ("  + learned frames (weights/frames.pt)", built(frames="frames")),
+            (
+                "  + learned frames and size pooling (the defaults)",
+                built(frames="frames", size_pool="auto"),
+            ),
+        ]
     if args.whiten_pool:
-        runs += [(f"  + {k}", Whitened(net, *v))
-                 for k, v in whitenings(net, args.whiten_pool).items()]
+        runs += [
+            (f"  + {k}", Whitened(net, *v)) for k, v in whitenings(net, args.whiten_pool).items()
+        ]
 
-    print(f"# Ceilings on {args.seq.name}: {args.max_keypoints} keypoints, mutual NN, "
-          "no ratio, correct within 3 px\n")
+    print(
+        f"# Ceilings on {args.seq.name}: {args.max_keypoints} keypoints, mutual NN, "
+        "no ratio, correct within 3 px\n"
+    )
     rows, bounds = [], None
     for label, desc in runs:
         t0 = time.perf_counter()
         res = evaluate_homography(args.seq, desc, det)
         bounds = bounds or ([r.possible for r in res], [r.framed for r in res])
-        rows.append((label, [r.correct[3] for r in res], sum(r.matches for r in res),
-                     time.perf_counter() - t0))
+        rows.append(
+            (
+                label,
+                [r.correct[3] for r in res],
+                sum(r.matches for r in res),
+                time.perf_counter() - t0,
+            )
+        )
     pairs = [f"1-{i}" for i in range(2, 2 + len(bounds[0]))]
     print("| | " + " | ".join(pairs) + " | all | MMA@3 | x RootSIFT |")
     print("|---" * (len(pairs) + 4) + "|")
@@ -201,8 +228,11 @@ def main() -> None:
         print(f"| {name} | " + " | ".join(map(str, vals)) + f" | {sum(vals)} | | |")
     base = sum(rows[0][1])
     for label, vals, matches, _ in rows:
-        print(f"| {label} | " + " | ".join(map(str, vals)) +
-              f" | {sum(vals)} | {sum(vals) / max(matches, 1):.3f} | {sum(vals) / base:.3f} |")
+        print(
+            f"| {label} | "
+            + " | ".join(map(str, vals))
+            + f" | {sum(vals)} | {sum(vals) / max(matches, 1):.3f} | {sum(vals) / base:.3f} |"
+        )
     print("\nSeconds per run: " + ", ".join(f"{lab.strip()} {s:.0f}" for lab, _, _, s in rows))
 
 

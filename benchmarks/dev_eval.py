@@ -41,8 +41,9 @@ def load_sequence(seq: Path, det: SiftDetector):
 def score(kps, descs, hs, ratio, mutual=True):
     tot_m, tot_c = 0, {1: 0, 3: 0, 5: 0}
     for i in range(1, 6):
-        m, _ = match_descriptors(torch.from_numpy(descs[0]), torch.from_numpy(descs[i]),
-                                 ratio, mutual)
+        m, _ = match_descriptors(
+            torch.from_numpy(descs[0]), torch.from_numpy(descs[i]), ratio, mutual
+        )
         s = score_homography(kps[0].xy, kps[i].xy, m.numpy(), hs[i - 1], (1, 3, 5))
         tot_m += s.matches
         for t in tot_c:

@@ -63,8 +63,11 @@ def write_images(folder: Path, n: int) -> None:
 
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(n):
-        cv2.imwrite(str(folder / f"img{i:04d}.jpg"), render_scene(640, 480, seed=i),
-                    [cv2.IMWRITE_JPEG_QUALITY, 90])
+        cv2.imwrite(
+            str(folder / f"img{i:04d}.jpg"),
+            render_scene(640, 480, seed=i),
+            [cv2.IMWRITE_JPEG_QUALITY, 90],
+        )
 
 
 def extraction(args: argparse.Namespace) -> bool:
@@ -75,8 +78,10 @@ def extraction(args: argparse.Namespace) -> bool:
         pool = tmp / "all"
         write_images(pool, max(counts))
         names = sorted(p.name for p in pool.iterdir())
-        print(f"## (a) descmatch extract, {args.method}, 640x480 rendered images, "
-              f"--max-keypoints {args.max_keypoints}\n")
+        print(
+            f"## (a) descmatch extract, {args.method}, 640x480 rendered images, "
+            f"--max-keypoints {args.max_keypoints}\n"
+        )
         print("| images | wall s | images/s | peak RSS (MB) | output (MB) |")
         print("|---|---|---|---|---|")
         peaks = []
@@ -89,21 +94,37 @@ def extraction(args: argparse.Namespace) -> bool:
                 except OSError:
                     shutil.copyfile(pool / name, folder / name)
             out = tmp / f"n{c}.h5"
-            cmd = [sys.executable, "-m", "descmatch", "--quiet", "extract", str(folder), str(out),
-                   "--method", args.method, "--device", args.device,
-                   "--max-keypoints", str(args.max_keypoints)]
+            cmd = [
+                sys.executable,
+                "-m",
+                "descmatch",
+                "--quiet",
+                "extract",
+                str(folder),
+                str(out),
+                "--method",
+                args.method,
+                "--device",
+                args.device,
+                "--max-keypoints",
+                str(args.max_keypoints),
+            ]
             rc, wall, rss_kb, _ = run_measured(cmd, child_env(args.threads))
             if rc != 0:
                 print(f"| {c} | failed (exit {rc}) | | | |")
                 ok = False
                 continue
             peaks.append(rss_kb)
-            print(f"| {c} | {wall:.1f} | {c / wall:.2f} | {rss_kb / 1024:,.0f} | "
-                  f"{out.stat().st_size / 2**20:,.1f} |")
+            print(
+                f"| {c} | {wall:.1f} | {c / wall:.2f} | {rss_kb / 1024:,.0f} | "
+                f"{out.stat().st_size / 2**20:,.1f} |"
+            )
         if len(peaks) == len(counts) and len(counts) > 1:
-            print(f"\npeak RSS, {counts[-1]} images minus {counts[0]}: "
-                  f"{(peaks[-1] - peaks[0]) / 1024:+,.0f} MB "
-                  "(wall time includes Python and torch start-up)\n")
+            print(
+                f"\npeak RSS, {counts[-1]} images minus {counts[0]}: "
+                f"{(peaks[-1] - peaks[0]) / 1024:+,.0f} MB "
+                "(wall time includes Python and torch start-up)\n"
+            )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return ok
@@ -111,17 +132,25 @@ def extraction(args: argparse.Namespace) -> bool:
 
 def matching(args: argparse.Namespace) -> bool:
     n = args.match_n
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--match-child", str(n),
-           "--device", args.device]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--match-child",
+        str(n),
+        "--device",
+        args.device,
+    ]
     if args.threads is not None:
         cmd += ["--threads", str(args.threads)]
     rc, _, rss_kb, out = run_measured(cmd, child_env(args.threads))
-    print(f"## (b) match_descriptors, {n:,} x {n:,} random unit 128-D descriptors, mutual + "
-          f"ratio, {args.device}\n")
+    print(
+        f"## (b) match_descriptors, {n:,} x {n:,} random unit 128-D descriptors, mutual + "
+        f"ratio, {args.device}\n"
+    )
     if rc != 0:
         print(f"failed (exit {rc})\n")
         return False
-    r = json.loads(next(line for line in out.splitlines() if line.startswith(TAG))[len(TAG):])
+    r = json.loads(next(line for line in out.splitlines() if line.startswith(TAG))[len(TAG) :])
     mb = 2**20
     rows = [
         ("matching time", f"{r['seconds']:.2f} s"),
@@ -186,25 +215,40 @@ def match_child(n: int, device_name: str, threads: int | None) -> None:
         peak, source = _status("VmHWM"), "VmHWM after reset"
     else:
         peak, source = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "ru_maxrss"
-    res = {"seconds": seconds, "matches": int((m >= 0).sum()), "rss_before": rss_before,
-           "peak": peak, "peak_source": source,
-           "chunk_bytes": 4 * min(n, max(1, MAX_ELEMENTS // n)) * n,
-           "cuda_delta": (torch.cuda.max_memory_allocated(device) - cuda0
-                          if cuda0 is not None else None)}
+    res = {
+        "seconds": seconds,
+        "matches": int((m >= 0).sum()),
+        "rss_before": rss_before,
+        "peak": peak,
+        "peak_source": source,
+        "chunk_bytes": 4 * min(n, max(1, MAX_ELEMENTS // n)) * n,
+        "cuda_delta": (
+            torch.cuda.max_memory_allocated(device) - cuda0 if cuda0 is not None else None
+        ),
+    }
     print(TAG + json.dumps(res), flush=True)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="1 vs 20 images, 5k x 5k, one thread")
-    ap.add_argument("--images", type=int, nargs="+", default=None,
-                    help="image counts to extract (default 1 200)")
+    ap.add_argument(
+        "--images",
+        type=int,
+        nargs="+",
+        default=None,
+        help="image counts to extract (default 1 200)",
+    )
     ap.add_argument("--method", default="rootsift", help="extract --method (default rootsift)")
     ap.add_argument("--max-keypoints", type=int, default=4000)
     ap.add_argument("--match-n", type=int, default=None, help="descriptors per side (50000)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--threads", type=int, default=None,
-                    help="OMP/torch threads of the children (default: theirs; 1 with --quick)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="OMP/torch threads of the children (default: theirs; 1 with --quick)",
+    )
     ap.add_argument("--only", choices=["extract", "match"], help="run one part")
     ap.add_argument("--match-child", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -220,8 +264,10 @@ def main() -> None:
     print("# descmatch memory benchmark\n")
     if args.quick:
         print("**--quick: a smoke test at reduced sizes.**\n")
-    print(f"- date: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}, {os.cpu_count()} logical cores, "
-          f"threads: {args.threads or 'default'}\n")
+    print(
+        f"- date: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}, {os.cpu_count()} logical cores, "
+        f"threads: {args.threads or 'default'}\n"
+    )
     ok = True
     if args.only in (None, "extract"):
         ok &= extraction(args)

@@ -37,19 +37,24 @@ from descmatch.match import DEFAULT_RATIO, match_descriptors
 from descmatch.pairs import exhaustive, retrieval, sequential
 
 
-def true_pairs(features: Path, cams: dict, names: list[str], min_matches: int,
-               threshold: float) -> dict[str, int]:
+def true_pairs(
+    features: Path, cams: dict, names: list[str], min_matches: int, threshold: float
+) -> dict[str, int]:
     """Epipolar-consistent RootSIFT matches of every pair ("a b" -> count)."""
     with Reader(features, "features") as r:
         f = {n: r.read(n) for n in names}
     counts = {}
     for a, b in exhaustive(names):
-        m, _ = match_descriptors(torch.from_numpy(f[a]["descriptors"].T.copy()),
-                                 torch.from_numpy(f[b]["descriptors"].T.copy()), DEFAULT_RATIO)
+        m, _ = match_descriptors(
+            torch.from_numpy(f[a]["descriptors"].T.copy()),
+            torch.from_numpy(f[b]["descriptors"].T.copy()),
+            DEFAULT_RATIO,
+        )
         m = m.numpy()
         i0 = np.nonzero(m >= 0)[0]
-        err = epipolar_distance(fundamental_matrix(cams[a], cams[b]), f[a]["keypoints"][i0],
-                                f[b]["keypoints"][m[i0]])
+        err = epipolar_distance(
+            fundamental_matrix(cams[a], cams[b]), f[a]["keypoints"][i0], f[b]["keypoints"][m[i0]]
+        )
         counts[f"{a} {b}"] = int((err < threshold).sum())
     return counts
 
@@ -98,24 +103,31 @@ def main() -> None:
         precision = found / len(got) if got else float("nan")
         sec = f"{seconds:.2f}" if seconds is not None else ""
         mean = np.mean([counts[" ".join(p)] for p in got]) if got else 0.0
-        return (f"| {label} | {len(got)} | {found} | {recall:.3f} | {precision:.3f} | "
-                f"{mean:.0f} | {sec} |")
+        return (
+            f"| {label} | {len(got)} | {found} | {recall:.3f} | {precision:.3f} | "
+            f"{mean:.0f} | {sec} |"
+        )
 
     def oracle(k: int) -> list[tuple[str, str]]:
         """Each image with the k others it shares the most consistent matches with."""
         out = []
         for a in names:
-            others = sorted((b for b in names if b != a),
-                            key=lambda b: -counts[" ".join(sorted((a, b)))])
+            others = sorted(
+                (b for b in names if b != a), key=lambda b: -counts[" ".join(sorted((a, b)))]
+            )
             out += [tuple(sorted((a, b))) for b in others[:k]]
         return sorted(set(out))
 
-    print(f"{args.scene.name}: {len(names)} images, {total} pairs, {len(truth)} overlapping "
-          f"(>= {args.min_matches} RootSIFT matches within {args.threshold:g} px of the true "
-          f"epipolar lines; {args.max_keypoints} keypoints; extraction {t_extract:.1f} s)")
+    print(
+        f"{args.scene.name}: {len(names)} images, {total} pairs, {len(truth)} overlapping "
+        f"(>= {args.min_matches} RootSIFT matches within {args.threshold:g} px of the true "
+        f"epipolar lines; {args.max_keypoints} keypoints; extraction {t_extract:.1f} s)"
+    )
     print(f"retrieval descriptor: {args.method}, VLAD {args.words} words\n")
-    print("| pairs | proposed | overlapping found | recall | precision | consistent matches "
-          "per proposed pair | seconds |")
+    print(
+        "| pairs | proposed | overlapping found | recall | precision | consistent matches "
+        "per proposed pair | seconds |"
+    )
     print("|---|---|---|---|---|---|---|")
     print(row("exhaustive", exhaustive(names)))
     for k in args.k:

@@ -78,13 +78,32 @@ class Sizes:
     extract_keypoints: tuple[int, ...]
 
 
-FULL = Sizes(batches=(256, 1024, 4096), patches_cpu=8192, patches_cuda=65536,
-             kornia_batch=1024, mm_n_cpu=4096, mm_n_cuda=8192, image=(1024, 768),
-             keypoints=8000, match_n=(4000, 8000), extract_images=8,
-             extract_keypoints=(4000, 8000))
-QUICK = Sizes(batches=(64, 256), patches_cpu=256, patches_cuda=256, kornia_batch=128,
-              mm_n_cpu=256, mm_n_cuda=256, image=(320, 240), keypoints=300,
-              match_n=(300, 600), extract_images=2, extract_keypoints=(200, 400))
+FULL = Sizes(
+    batches=(256, 1024, 4096),
+    patches_cpu=8192,
+    patches_cuda=65536,
+    kornia_batch=1024,
+    mm_n_cpu=4096,
+    mm_n_cuda=8192,
+    image=(1024, 768),
+    keypoints=8000,
+    match_n=(4000, 8000),
+    extract_images=8,
+    extract_keypoints=(4000, 8000),
+)
+QUICK = Sizes(
+    batches=(64, 256),
+    patches_cpu=256,
+    patches_cuda=256,
+    kornia_batch=128,
+    mm_n_cpu=256,
+    mm_n_cuda=256,
+    image=(320, 240),
+    keypoints=300,
+    match_n=(300, 600),
+    extract_images=2,
+    extract_keypoints=(200, 400),
+)
 
 
 # -- timing helpers ----------------------------------------------------------------------------
@@ -93,8 +112,7 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def bench(fn: Callable[[], Any], device: torch.device, reps: int, warmup: int = 1
-          ) -> list[float]:
+def bench(fn: Callable[[], Any], device: torch.device, reps: int, warmup: int = 1) -> list[float]:
     """Wall seconds of ``reps`` calls after ``warmup`` untimed ones (synchronised on CUDA)."""
     for _ in range(warmup):
         fn()
@@ -126,8 +144,9 @@ def table(head: list[str], rows: list[list[str]]) -> None:
 
 
 # -- nets and weights --------------------------------------------------------------------------
-def load_nets(weights: str | None
-              ) -> tuple[dict[str, DescriptorNet], dict[str, float], str, str | None]:
+def load_nets(
+    weights: str | None,
+) -> tuple[dict[str, DescriptorNet], dict[str, float], str, str | None]:
     """Every registered net: the one ``weights`` is for loaded from it, the others random."""
     nets: dict[str, DescriptorNet] = {}
     mr: dict[str, float] = {}
@@ -135,8 +154,11 @@ def load_nets(weights: str | None
     trained = None
     if weights:
         ckpt = torch.load(weights, map_location="cpu", weights_only=True)
-        trained = (ckpt.get("method", "hardnet") if isinstance(ckpt, dict)
-                   and ckpt.get("format") == "descmatch" else "hardnet")
+        trained = (
+            ckpt.get("method", "hardnet")
+            if isinstance(ckpt, dict) and ckpt.get("format") == "descmatch"
+            else "hardnet"
+        )
         loaded = load_net(trained, weights)
         nets[trained] = loaded.net.eval()
         mr[trained] = float(loaded.meta.get("mr_size", DEFAULT_MR_SIZE))
@@ -161,8 +183,9 @@ def conv_flops(net: nn.Module, patch_size: int) -> int:
         elif isinstance(m, nn.Linear):
             macs += out.numel() * m.in_features
 
-    hs = [m.register_forward_hook(hook) for m in net.modules()
-          if isinstance(m, nn.Conv2d | nn.Linear)]
+    hs = [
+        m.register_forward_hook(hook) for m in net.modules() if isinstance(m, nn.Conv2d | nn.Linear)
+    ]
     with torch.inference_mode():
         net.eval()(torch.rand(1, 1, patch_size, patch_size))
     for h in hs:
@@ -223,14 +246,18 @@ def section_descriptors(args: argparse.Namespace, sz: Sizes, device: torch.devic
     table(["dtype", "GFLOP/s"], [[k, fmt(v, 1)] for k, v in peaks.items()])
     tf32_conv = device.type == "cuda" and torch.backends.cudnn.allow_tf32
     if tf32_conv:
-        print("CUDA fp32 convolutions run in TF32 (torch.backends.cudnn.allow_tf32): their "
-              "fraction is of the TF32 peak.\n")
+        print(
+            "CUDA fp32 convolutions run in TF32 (torch.backends.cudnn.allow_tf32): their "
+            "fraction is of the TF32 peak.\n"
+        )
 
     if "bf16" not in precisions(device):
         print("bf16 left out: this CPU has no native bf16 (oneDNN would emulate it).\n")
     n = sz.patches_cuda if device.type == "cuda" else sz.patches_cpu
-    print(f"## Descriptor throughput (NetDescriber.describe_patches, {n} random patches per "
-          f"call, median of {reps}; best in brackets)\n")
+    print(
+        f"## Descriptor throughput (NetDescriber.describe_patches, {n} random patches per "
+        f"call, median of {reps}; best in brackets)\n"
+    )
     rows = []
     flops = {name: conv_flops(net, net.patch_size) for name, net in nets.items()}
     g = torch.Generator(device=device).manual_seed(0)
@@ -243,16 +270,38 @@ def section_descriptors(args: argparse.Namespace, sz: Sizes, device: torch.devic
                 t = bench(lambda d=d, p=patches: d.describe_patches(p), device, reps)
                 rate, best = n / med(t), n / min(t)
                 gflops = rate * flops[name] / 1e9
-                rows.append([name, prec, str(bs), f"{fmt(rate)} ({fmt(best)})",
-                             fmt(1e3 * med(t) / n * 1000, 1), fmt(flops[name] / 1e6, 1),
-                             fmt(gflops, 1), f"{100 * gflops / peaks[peak_key]:.1f}%"])
-    table(["net", "precision", "batch", "patches/s", "ms / 1000 patches", "MFLOP/patch",
-           "GFLOP/s", "of mm peak"], rows)
+                rows.append(
+                    [
+                        name,
+                        prec,
+                        str(bs),
+                        f"{fmt(rate)} ({fmt(best)})",
+                        fmt(1e3 * med(t) / n * 1000, 1),
+                        fmt(flops[name] / 1e6, 1),
+                        fmt(gflops, 1),
+                        f"{100 * gflops / peaks[peak_key]:.1f}%",
+                    ]
+                )
+    table(
+        [
+            "net",
+            "precision",
+            "batch",
+            "patches/s",
+            "ms / 1000 patches",
+            "MFLOP/patch",
+            "GFLOP/s",
+            "of mm peak",
+        ],
+        rows,
+    )
 
     bs = sz.kornia_batch
     src = "--weights" if trained == "hardnet" else "random init"
-    print(f"## HardNet: descmatch vs kornia.feature.HardNet (same weights: {src}; fp32, "
-          f"batch {bs}, {n} patches, median of {reps})\n")
+    print(
+        f"## HardNet: descmatch vs kornia.feature.HardNet (same weights: {src}; fp32, "
+        f"batch {bs}, {n} patches, median of {reps})\n"
+    )
     ours = nets["hardnet"]
     kh = kornia_hardnet(ours).to(device)
     d = NetDescriber(ours, device, batch_size=bs, precision="fp32")
@@ -260,22 +309,32 @@ def section_descriptors(args: argparse.Namespace, sz: Sizes, device: torch.devic
 
     @torch.inference_mode()
     def kornia_fwd() -> torch.Tensor:
-        return torch.cat([kh(patches[i:i + bs]) for i in range(0, n, bs)])
+        return torch.cat([kh(patches[i : i + bs]) for i in range(0, n, bs)])
 
     with torch.inference_mode():
         diff = (kornia_fwd() - d.describe_patches(patches)).abs().max().item()
     rows = []
-    for label, fn in (("descmatch NetDescriber (BN folded)", lambda: d.describe_patches(patches)),
-                      ("kornia HardNet (plain forward, inference_mode)", kornia_fwd)):
+    for label, fn in (
+        ("descmatch NetDescriber (BN folded)", lambda: d.describe_patches(patches)),
+        ("kornia HardNet (plain forward, inference_mode)", kornia_fwd),
+    ):
         t = bench(fn, device, reps)
         rate = n / med(t)
         gflops = rate * flops["hardnet"] / 1e9
         peak = peaks["tf32" if tf32_conv else "fp32"]
-        rows.append([label, f"{fmt(rate)} ({fmt(n / min(t))})", fmt(gflops, 1),
-                     f"{100 * gflops / peak:.1f}%"])
+        rows.append(
+            [
+                label,
+                f"{fmt(rate)} ({fmt(n / min(t))})",
+                fmt(gflops, 1),
+                f"{100 * gflops / peak:.1f}%",
+            ]
+        )
     table(["implementation", "patches/s", "GFLOP/s", "of fp32 mm peak"], rows)
-    print(f"max |kornia - descmatch| descriptor difference: {diff:.2e} (kornia's "
-          "standardisation eps differs)\n")
+    print(
+        f"max |kornia - descmatch| descriptor difference: {diff:.2e} (kornia's "
+        "standardisation eps differs)\n"
+    )
 
 
 def scene(sz: Sizes, seed: int = 0) -> np.ndarray:
@@ -289,27 +348,49 @@ def section_patches(args: argparse.Namespace, sz: Sizes, device: torch.device) -
     kps = det(img)
     timg = torch.from_numpy(img).to(device)
     w, h = sz.image
-    print(f"## Patch extraction (build_pyramid + extract_patches, {w}x{h} rendered scene, "
-          f"{len(kps)} SiftDetector keypoints, median of {args.reps})\n")
+    print(
+        f"## Patch extraction (build_pyramid + extract_patches, {w}x{h} rendered scene, "
+        f"{len(kps)} SiftDetector keypoints, median of {args.reps})\n"
+    )
     rows = []
     with torch.inference_mode():
         t_pyr = med(bench(lambda: build_pyramid(timg), device, args.reps))
-        for p, wf, label in ((32, 1.0, "32x32 (l2net, hardnet, sosnet)"),
-                             (64, 2.0, "64x64, 2x window (l2net-cs)")):
+        for p, wf, label in (
+            (32, 1.0, "32x32 (l2net, hardnet, sosnet)"),
+            (64, 2.0, "64x64, 2x window (l2net-cs)"),
+        ):
+
             def run(p: int = p, wf: float = wf) -> torch.Tensor:
-                return extract_patches(timg, kps.xy, kps.size, kps.angle, p, DEFAULT_MR_SIZE, wf,
-                                       pyramid=build_pyramid(timg))
+                return extract_patches(
+                    timg,
+                    kps.xy,
+                    kps.size,
+                    kps.angle,
+                    p,
+                    DEFAULT_MR_SIZE,
+                    wf,
+                    pyramid=build_pyramid(timg),
+                )
 
             t = bench(run, device, args.reps)
-            rows.append([label, str(len(kps)), fmt(1e3 * med(t), 1),
-                         fmt(len(kps) / med(t)), fmt(len(kps) / min(t))])
+            rows.append(
+                [
+                    label,
+                    str(len(kps)),
+                    fmt(1e3 * med(t), 1),
+                    fmt(len(kps) / med(t)),
+                    fmt(len(kps) / min(t)),
+                ]
+            )
     table(["patches", "keypoints", "ms / image", "patches/s", "best patches/s"], rows)
     from descmatch.patches import _remap_is_exact  # the CPU sampler's own check
 
     sampler = "cv2.remap" if device.type == "cpu" and _remap_is_exact() else "grid_sample"
-    print(f"of which build_pyramid: {1e3 * t_pyr:.1f} ms; patches sampled with {sampler} "
-          f"(all pyramid levels in one atlas image); for scale, SiftDetector on the same "
-          f"image (CPU): {1e3 * t_det:.0f} ms\n")
+    print(
+        f"of which build_pyramid: {1e3 * t_pyr:.1f} ms; patches sampled with {sampler} "
+        f"(all pyramid levels in one atlas image); for scale, SiftDetector on the same "
+        f"image (CPU): {1e3 * t_det:.0f} ms\n"
+    )
 
 
 def unit_descriptors(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -333,8 +414,7 @@ def opencv_match(d0: np.ndarray, d1: np.ndarray, ratio: float) -> np.ndarray:
 
     def nn2(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         knn = bf.knnMatch(a, b, k=2)
-        arr = np.array([(m[0].trainIdx, m[0].distance, m[1].distance) for m in knn],
-                       np.float64)
+        arr = np.array([(m[0].trainIdx, m[0].distance, m[1].distance) for m in knn], np.float64)
         return arr[:, 0].astype(np.int64), arr[:, 1], arr[:, 2]
 
     j01, dist1, dist2 = nn2(d0, d1)
@@ -345,31 +425,65 @@ def opencv_match(d0: np.ndarray, d1: np.ndarray, ratio: float) -> np.ndarray:
 
 def section_matching(args: argparse.Namespace, sz: Sizes, device: torch.device) -> None:
     auto = resolve_precision("auto", device)
-    print(f"## Matching (mutual nearest neighbours + ratio {DEFAULT_RATIO}, unit 128-D "
-          f"descriptors: half of image 1's are noisy copies of image 0's; median of "
-          f"{args.reps}; precision auto: {auto} here, fp32 below 2^18 entries; reduced "
-          f"precision re-makes in fp32 the decisions its error bound leaves open)\n")
+    print(
+        f"## Matching (mutual nearest neighbours + ratio {DEFAULT_RATIO}, unit 128-D "
+        f"descriptors: half of image 1's are noisy copies of image 0's; median of "
+        f"{args.reps}; precision auto: {auto} here, fp32 below 2^18 entries; reduced "
+        f"precision re-makes in fp32 the decisions its error bound leaves open)\n"
+    )
     rows = []
     for n in sz.match_n:
         d0, d1 = unit_descriptors(n, seed=n)
         t0, t1 = torch.from_numpy(d0).to(device), torch.from_numpy(d1).to(device)
-        tc = med(bench(lambda d0=d0, d1=d1: opencv_match(d0, d1, DEFAULT_RATIO),
-                       torch.device("cpu"), args.reps))
+        tc = med(
+            bench(
+                lambda d0=d0, d1=d1: opencv_match(d0, d1, DEFAULT_RATIO),
+                torch.device("cpu"),
+                args.reps,
+            )
+        )
         ref = opencv_match(d0, d1, DEFAULT_RATIO)
         for prec in ("auto", "fp32"):
-            def run(t0: torch.Tensor = t0, t1: torch.Tensor = t1, prec: str = prec
-                    ) -> torch.Tensor:
+
+            def run(t0: torch.Tensor = t0, t1: torch.Tensor = t1, prec: str = prec) -> torch.Tensor:
                 return match_descriptors(t0, t1, DEFAULT_RATIO, True, precision=prec)[0]
 
             t = med(bench(run, device, args.reps))
             ours = run().cpu().numpy()
-            rows.append([f"{n} x {n}", f"match_descriptors {prec} ({device.type})", fmt(1 / t, 2),
-                         fmt(1e3 * t, 1), str(int((ours >= 0).sum())),
-                         f"{float((ours == ref).mean()):.4f}", f"{tc / t:.1f}x"])
-        rows.append([f"{n} x {n}", "cv2.BFMatcher knnMatch x2 + numpy (CPU)", fmt(1 / tc, 2),
-                     fmt(1e3 * tc, 1), str(int((ref >= 0).sum())), "", "1.0x"])
-    table(["descriptors", "matcher", "pairs/s", "ms / pair", "matches",
-           "same result as OpenCV", "speed-up vs OpenCV"], rows)
+            rows.append(
+                [
+                    f"{n} x {n}",
+                    f"match_descriptors {prec} ({device.type})",
+                    fmt(1 / t, 2),
+                    fmt(1e3 * t, 1),
+                    str(int((ours >= 0).sum())),
+                    f"{float((ours == ref).mean()):.4f}",
+                    f"{tc / t:.1f}x",
+                ]
+            )
+        rows.append(
+            [
+                f"{n} x {n}",
+                "cv2.BFMatcher knnMatch x2 + numpy (CPU)",
+                fmt(1 / tc, 2),
+                fmt(1e3 * tc, 1),
+                str(int((ref >= 0).sum())),
+                "",
+                "1.0x",
+            ]
+        )
+    table(
+        [
+            "descriptors",
+            "matcher",
+            "pairs/s",
+            "ms / pair",
+            "matches",
+            "same result as OpenCV",
+            "speed-up vs OpenCV",
+        ],
+        rows,
+    )
 
 
 def section_extract(args: argparse.Namespace, sz: Sizes, device: torch.device) -> None:
@@ -381,14 +495,19 @@ def section_extract(args: argparse.Namespace, sz: Sizes, device: torch.device) -
         img_dir = tmp / "images"
         img_dir.mkdir()
         for i in range(sz.extract_images):
-            cv2.imwrite(str(img_dir / f"scene{i:02d}.jpg"), render_scene(*sz.image, seed=i),
-                        [cv2.IMWRITE_JPEG_QUALITY, 92])
+            cv2.imwrite(
+                str(img_dir / f"scene{i:02d}.jpg"),
+                render_scene(*sz.image, seed=i),
+                [cv2.IMWRITE_JPEG_QUALITY, 92],
+            )
         images = list_images(img_dir)
         first = ImageList(images.root, images.names[:1])
         n = len(images.names)
         w, h = sz.image
-        print(f"## End-to-end extract ({n} rendered {w}x{h} JPEGs: read, detect, describe, "
-              f"write HDF5; {args.reps} run(s) after a 1-image warm-up, median)\n")
+        print(
+            f"## End-to-end extract ({n} rendered {w}x{h} JPEGs: read, detect, describe, "
+            f"write HDF5; {args.reps} run(s) after a 1-image warm-up, median)\n"
+        )
         describers: list[tuple[str, Any]] = [("rootsift", None)]
         precs = ["fp32"]
         auto = resolve_precision("auto", device)
@@ -396,8 +515,12 @@ def section_extract(args: argparse.Namespace, sz: Sizes, device: torch.device) -
             precs.append(auto)
         bs = default_batch_size(device)
         for p in precs:
-            describers.append((f"{net_name} ({p}, batch {bs})",
-                               NetDescriber(net, device, bs, mr[net_name], {}, p)))
+            describers.append(
+                (
+                    f"{net_name} ({p}, batch {bs})",
+                    NetDescriber(net, device, bs, mr[net_name], {}, p),
+                )
+            )
         rows = []
         stage_rows = []
         for k in sz.extract_keypoints:
@@ -410,26 +533,51 @@ def section_extract(args: argparse.Namespace, sz: Sizes, device: torch.device) -
                 for prefetch in (2, 0):  # pipelined (the default), then one stage after another
                     results = []
 
-                    def run(d: Any = d, out: Path = out, det: SiftDetector = det,
-                            results: list[Any] = results, prefetch: int = prefetch) -> None:
-                        results.append(extract(images, out, d, det, overwrite=True,
-                                               prefetch=prefetch))
+                    def run(
+                        d: Any = d,
+                        out: Path = out,
+                        det: SiftDetector = det,
+                        results: list[Any] = results,
+                        prefetch: int = prefetch,
+                    ) -> None:
+                        results.append(
+                            extract(images, out, d, det, overwrite=True, prefetch=prefetch)
+                        )
 
                     times[prefetch] = med(bench(run, device, args.reps, warmup=0))
                     if prefetch:
                         res = results[-1]
-                rows.append([str(k), f"descmatch extract, {label}", fmt(n / times[2], 2),
-                             fmt(times[2] / n, 3), fmt(res.keypoints_per_image),
-                             fmt(res.patches_per_second)])
+                rows.append(
+                    [
+                        str(k),
+                        f"descmatch extract, {label}",
+                        fmt(n / times[2], 2),
+                        fmt(times[2] / n, 3),
+                        fmt(res.keypoints_per_image),
+                        fmt(res.patches_per_second),
+                    ]
+                )
                 stages = (res.load_seconds, res.describe_seconds, res.write_seconds)
-                stage_rows.append([str(k), label, *(fmt(x / n, 3) for x in stages),
-                                   fmt(sum(stages) / n, 3), fmt(times[0] / n, 3),
-                                   fmt(times[2] / n, 3), fmt(max(stages) / n, 3)])
+                stage_rows.append(
+                    [
+                        str(k),
+                        label,
+                        *(fmt(x / n, 3) for x in stages),
+                        fmt(sum(stages) / n, 3),
+                        fmt(times[0] / n, 3),
+                        fmt(times[2] / n, 3),
+                        fmt(max(stages) / n, 3),
+                    ]
+                )
 
-            sift = cv2.SIFT_create(nfeatures=k, nOctaveLayers=det.n_octave_layers,
-                                   contrastThreshold=det.contrast_threshold,
-                                   edgeThreshold=det.edge_threshold, sigma=det.sigma,
-                                   enable_precise_upscale=True)
+            sift = cv2.SIFT_create(
+                nfeatures=k,
+                nOctaveLayers=det.n_octave_layers,
+                contrastThreshold=det.contrast_threshold,
+                edgeThreshold=det.edge_threshold,
+                sigma=det.sigma,
+                enable_precise_upscale=True,
+            )
             counts = []
 
             def run_cv(sift: Any = sift, counts: list[int] = counts) -> None:
@@ -441,20 +589,53 @@ def section_extract(args: argparse.Namespace, sz: Sizes, device: torch.device) -
 
             cv2.imread(str(images.path(images.names[0])), cv2.IMREAD_GRAYSCALE)
             t = bench(run_cv, torch.device("cpu"), args.reps, warmup=0)
-            rows.append([str(k), "OpenCV SIFT detectAndCompute (read + detect + describe)",
-                         fmt(n / med(t), 2), fmt(med(t) / n, 3),
-                         fmt(sum(counts) / len(counts)), ""])
-        table(["max keypoints", "pipeline", "images/s", "s / image", "keypoints / image",
-               "description patches/s"], rows)
-        print("OpenCV's nfeatures keeps the strongest responses, as --max-keypoints does; "
-              "OpenCV may return a few more (several orientations of the last extremum).\n")
-        print("### Pipelining: stage times (s / image) of the pipelined run, and wall time "
-              "with and without the prefetch thread\n")
-        table(["max keypoints", "describer", "read+detect", "describe", "write",
-               "sum of stages", "wall, sequential (prefetch 0)", "wall, pipelined (default)",
-               "slowest stage"], stage_rows)
-        print("Read+detect runs in a worker thread ahead of description (extract(prefetch=2)); "
-              "on a CPU both stages share the same cores, so the overlap is bounded by them.\n")
+            rows.append(
+                [
+                    str(k),
+                    "OpenCV SIFT detectAndCompute (read + detect + describe)",
+                    fmt(n / med(t), 2),
+                    fmt(med(t) / n, 3),
+                    fmt(sum(counts) / len(counts)),
+                    "",
+                ]
+            )
+        table(
+            [
+                "max keypoints",
+                "pipeline",
+                "images/s",
+                "s / image",
+                "keypoints / image",
+                "description patches/s",
+            ],
+            rows,
+        )
+        print(
+            "OpenCV's nfeatures keeps the strongest responses, as --max-keypoints does; "
+            "OpenCV may return a few more (several orientations of the last extremum).\n"
+        )
+        print(
+            "### Pipelining: stage times (s / image) of the pipelined run, and wall time "
+            "with and without the prefetch thread\n"
+        )
+        table(
+            [
+                "max keypoints",
+                "describer",
+                "read+detect",
+                "describe",
+                "write",
+                "sum of stages",
+                "wall, sequential (prefetch 0)",
+                "wall, pipelined (default)",
+                "slowest stage",
+            ],
+            stage_rows,
+        )
+        print(
+            "Read+detect runs in a worker thread ahead of description (extract(prefetch=2)); "
+            "on a CPU both stages share the same cores, so the overlap is bounded by them.\n"
+        )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -480,13 +661,19 @@ def section_detect(args: argparse.Namespace, sz: Sizes, device: torch.device) ->
     table(["detector", "ms / image", "keypoints"], rows)
     ref = cv(img)
     d = np.linalg.norm(ref.xy[:, None] - kd.xy[None], axis=2).min(1) if len(kd) else np.inf
-    print(f"OpenCV keypoints with a torch DoG keypoint within 0.5 px: "
-          f"{100 * float(np.mean(d < 0.5)):.1f}%\n")
+    print(
+        f"OpenCV keypoints with a torch DoG keypoint within 0.5 px: "
+        f"{100 * float(np.mean(d < 0.5)):.1f}%\n"
+    )
 
 
-SECTION_FNS = {"descriptors": section_descriptors, "patches": section_patches,
-               "detect": section_detect,
-               "matching": section_matching, "extract": section_extract}
+SECTION_FNS = {
+    "descriptors": section_descriptors,
+    "patches": section_patches,
+    "detect": section_detect,
+    "matching": section_matching,
+    "extract": section_extract,
+}
 
 
 # -- orchestration -----------------------------------------------------------------------------
@@ -503,17 +690,23 @@ def header(args: argparse.Namespace, device: torch.device) -> None:
 
     print("# descmatch speed benchmark\n")
     if args.quick:
-        print("**--quick: tiny sizes, one repetition, a smoke test; the numbers are not "
-              "measurements.**\n")
+        print(
+            "**--quick: tiny sizes, one repetition, a smoke test; the numbers are not "
+            "measurements.**\n"
+        )
     print(f"- date: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}")
-    print(f"- CPU: {cpu}, {os.cpu_count()} logical cores; torch threads {torch.get_num_threads()}"
-          f", OpenCV threads {cv2.getNumThreads()}")
+    print(
+        f"- CPU: {cpu}, {os.cpu_count()} logical cores; torch threads {torch.get_num_threads()}"
+        f", OpenCV threads {cv2.getNumThreads()}"
+    )
     if device.type == "cuda":
         print(f"- device: {torch.cuda.get_device_name(device)}")
     else:
         print("- device: CPU")
-    print(f"- torch {torch.__version__}, kornia {kornia.__version__}, OpenCV {cv2.__version__}, "
-          f"Python {platform.python_version()}")
+    print(
+        f"- torch {torch.__version__}, kornia {kornia.__version__}, OpenCV {cv2.__version__}, "
+        f"Python {platform.python_version()}"
+    )
     note = load_nets(args.weights)[2]
     print(f"- weights: {note}")
     print(f"- auto precision here: {resolve_precision('auto', device)}\n")
@@ -527,9 +720,20 @@ def peak_line(device: torch.device) -> str:
 
 def run_child(args: argparse.Namespace, section: str) -> tuple[int, int, int]:
     """Run one section in a subprocess, echo its output; (exit code, peak RSS KB, CUDA B)."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--only", section, "--child",
-           "--device", args.device, "--reps", str(args.reps), "--threads", str(args.threads),
-           *(["--extract-net", args.extract_net] if args.extract_net else [])]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--only",
+        section,
+        "--child",
+        "--device",
+        args.device,
+        "--reps",
+        str(args.reps),
+        "--threads",
+        str(args.threads),
+        *(["--extract-net", args.extract_net] if args.extract_net else []),
+    ]
     if args.quick:
         cmd.append("--quick")
     if args.weights:
@@ -552,16 +756,25 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--weights", help="a checkpoint (its own net uses it; others random)")
-    ap.add_argument("--only", choices=[*SECTIONS, "imports"],
-                    help="run one section in this process ('imports': nothing, for the "
-                         "baseline memory)")
+    ap.add_argument(
+        "--only",
+        choices=[*SECTIONS, "imports"],
+        help="run one section in this process ('imports': nothing, for the baseline memory)",
+    )
     ap.add_argument("--quick", action="store_true", help="tiny sizes, 1 repetition, 1 thread")
     ap.add_argument("--reps", type=int, default=None, help="timed repetitions (default 3)")
-    ap.add_argument("--threads", type=int, default=None,
-                    help="torch and OpenCV threads (default: torch's default; 1 with --quick)")
-    ap.add_argument("--extract-net", default=None, choices=list(NETS),
-                    help="learned net of the extract section (default: the --weights net, "
-                         "else hardnet)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch and OpenCV threads (default: torch's default; 1 with --quick)",
+    )
+    ap.add_argument(
+        "--extract-net",
+        default=None,
+        choices=list(NETS),
+        help="learned net of the extract section (default: the --weights net, else hardnet)",
+    )
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.reps is None:

@@ -47,8 +47,14 @@ class Camera:
     def scaled(self, sx: float, sy: float) -> Camera:
         """The camera of the image resized by (sx, sy): ``x' = (x + 0.5) s - 0.5``."""
         s = np.array([[sx, 0.0, 0.5 * sx - 0.5], [0.0, sy, 0.5 * sy - 0.5], [0.0, 0.0, 1.0]])
-        return Camera(self.name, max(1, round(self.width * sx)), max(1, round(self.height * sy)),
-                      s @ self.K, self.R, self.t)
+        return Camera(
+            self.name,
+            max(1, round(self.width * sx)),
+            max(1, round(self.height * sy)),
+            s @ self.K,
+            self.R,
+            self.t,
+        )
 
     def project(self, xyz: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Pixel positions and depths of world points. Shape: (N,3) -> (N,2), (N,)."""
@@ -79,8 +85,10 @@ def read_cameras(path: str | Path) -> dict[str, Camera]:
         where = f"{path}:{lineno}"
         parts = line.split()
         if len(parts) != _CAMERA_FIELDS:
-            raise InputError(f"{where}: expected {_CAMERA_FIELDS} fields (name width height fx "
-                             f"fy cx cy r11..r33 tx ty tz), got {len(parts)}")
+            raise InputError(
+                f"{where}: expected {_CAMERA_FIELDS} fields (name width height fx "
+                f"fy cx cy r11..r33 tx ty tz), got {len(parts)}"
+            )
         name = parts[0]
         try:
             vals = np.array([float(v) for v in parts[1:]], np.float64)
@@ -91,13 +99,14 @@ def read_cameras(path: str | Path) -> dict[str, Camera]:
             raise InputError(f"{where}: non-finite number")
         w, h = vals[0], vals[1]
         if w != round(w) or h != round(h) or w < 1 or h < 1:
-            raise InputError(f"{where}: width and height must be positive integers, got "
-                             f"{parts[1]} {parts[2]}")
+            raise InputError(
+                f"{where}: width and height must be positive integers, got {parts[1]} {parts[2]}"
+            )
         fx, fy, cx, cy = vals[2:6]
         if fx <= 0 or fy <= 0:
             raise InputError(f"{where}: focal lengths must be > 0, got {fx:g} {fy:g}")
         r = vals[6:15].reshape(3, 3)
-        if (np.abs(r @ r.T - np.eye(3)).max() > 1e-3 or np.linalg.det(r) <= 0):
+        if np.abs(r @ r.T - np.eye(3)).max() > 1e-3 or np.linalg.det(r) <= 0:
             raise InputError(f"{where}: r11..r33 is not a rotation matrix")
         if name in cams:
             raise InputError(f"{where}: camera {name!r} is given twice")

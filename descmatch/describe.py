@@ -101,14 +101,25 @@ class NetDescriber:
     descriptors of patches cut at each of these sizes, which evens out the detector's scale
     errors at len(size_pool) times the net's cost; (1.0,) describes the one patch."""
 
-    def __init__(self, net: DescriptorNet, device: torch.device, batch_size: int = 1024,
-                 mr_size: float = DEFAULT_MR_SIZE, meta: dict[str, Any] | None = None,
-                 precision: str = "fp32", frames: FrameNet | None = None,
-                 frames_mr_size: float = DEFAULT_MR_SIZE, upright: bool = False,
-                 size_pool: tuple[float, ...] = (1.0,)) -> None:
+    def __init__(
+        self,
+        net: DescriptorNet,
+        device: torch.device,
+        batch_size: int = 1024,
+        mr_size: float = DEFAULT_MR_SIZE,
+        meta: dict[str, Any] | None = None,
+        precision: str = "fp32",
+        frames: FrameNet | None = None,
+        frames_mr_size: float = DEFAULT_MR_SIZE,
+        upright: bool = False,
+        size_pool: tuple[float, ...] = (1.0,),
+    ) -> None:
         self.size_pool = check_size_pool(size_pool, "size pooling")
-        self.frames = (fold_batchnorm(frames.eval()).to(device)  # type: ignore[assignment]
-                       if frames is not None else None)
+        self.frames = (
+            fold_batchnorm(frames.eval()).to(device)  # type: ignore[assignment]
+            if frames is not None
+            else None
+        )
         self.frames_mr_size = frames_mr_size
         self.upright = upright
         self.net = fold_batchnorm(net.eval()).to(device)
@@ -128,10 +139,21 @@ class NetDescriber:
         Shape: -> (len(size_pool) * N,1,P,P)."""
         img = torch.from_numpy(image).to(self.device)
         pyramid = build_pyramid(img)
-        return torch.cat([extract_patches(img, kps.xy, kps.size * f, kps.angle,
-                                          patch_size=self.net.patch_size, mr_size=self.mr_size,
-                                          window_factor=self.net.window_factor,
-                                          pyramid=pyramid) for f in self.size_pool])
+        return torch.cat(
+            [
+                extract_patches(
+                    img,
+                    kps.xy,
+                    kps.size * f,
+                    kps.angle,
+                    patch_size=self.net.patch_size,
+                    mr_size=self.mr_size,
+                    window_factor=self.net.window_factor,
+                    pyramid=pyramid,
+                )
+                for f in self.size_pool
+            ]
+        )
 
     def _pool(self, desc: torch.Tensor) -> torch.Tensor:
         """Descriptors of :meth:`patches` (factor-major) -> one per keypoint: the normalised
@@ -140,7 +162,8 @@ class NetDescriber:
         if f == 1:
             return desc
         return torch.nn.functional.normalize(
-            desc.reshape(f, desc.shape[0] // f, desc.shape[1]).sum(0), dim=1)
+            desc.reshape(f, desc.shape[0] // f, desc.shape[1]).sum(0), dim=1
+        )
 
     @torch.inference_mode()
     def describe_patches(self, patches: torch.Tensor) -> torch.Tensor:
@@ -148,10 +171,13 @@ class NetDescriber:
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
         if dtype is None and self.device.type == "cpu":
             patches = patches.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(self.device.type, dtype=dtype or torch.float32,
-                            enabled=dtype is not None):
-            out = [self.net(patches[i:i + self.batch_size]).float()
-                   for i in range(0, patches.shape[0], self.batch_size)]
+        with torch.autocast(
+            self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None
+        ):
+            out = [
+                self.net(patches[i : i + self.batch_size]).float()
+                for i in range(0, patches.shape[0], self.batch_size)
+            ]
         if not out:
             return torch.zeros((0, self.dim), device=self.device)
         # Reduced precision rounds the net's own L2 normalisation: redo it in float32.
@@ -161,8 +187,9 @@ class NetDescriber:
         """The keypoints in the frames net's frames (as they are without one)."""
         if self.frames is None or len(kps) == 0:
             return kps
-        out = refined_keypoints(self.frames, image, kps, self.device, self.frames_mr_size,
-                                self.batch_size)
+        out = refined_keypoints(
+            self.frames, image, kps, self.device, self.frames_mr_size, self.batch_size
+        )
         return replace(out, angle=kps.angle) if self.upright else out
 
     def describe(self, image: np.ndarray, kps: Keypoints) -> np.ndarray:
@@ -239,8 +266,10 @@ def check_size_pool(factors: tuple[float, ...], what: str) -> tuple[float, ...]:
     """Size-pooling factors as floats; at least one, each between 0 and 10 (else a
     ConfigError naming ``what``)."""
     if not factors or any(not 0 < f < 10 for f in factors):
-        raise ConfigError(f"{what}: expected size factors between 0 and 10, such as 0.8,1.25; "
-                          f"got {','.join(map(str, factors)) or 'none'}")
+        raise ConfigError(
+            f"{what}: expected size factors between 0 and 10, such as 0.8,1.25; "
+            f"got {','.join(map(str, factors)) or 'none'}"
+        )
     return tuple(float(f) for f in factors)
 
 
@@ -254,17 +283,24 @@ def resolve_size_pool(spec: str | None) -> tuple[float, ...]:
     try:
         factors = tuple(float(f) for f in spec.split(","))
     except ValueError:
-        raise ConfigError(f"--size-pool {spec}: expected auto, none or comma-separated size "
-                          "factors between 0 and 10, such as 0.8,1.25") from None
+        raise ConfigError(
+            f"--size-pool {spec}: expected auto, none or comma-separated size "
+            "factors between 0 and 10, such as 0.8,1.25"
+        ) from None
     return check_size_pool(factors, f"--size-pool {spec}")
 
 
-def build_describer(method: str, weights: str | None = None,
-                    device: torch.device | None = None, batch_size: int | None = None,
-                    mr_size: float | None = None,
-                    precision: str = DEFAULT_PRECISION,
-                    frames: str | None = FRAMES_AUTO, upright: bool = False,
-                    size_pool: str | None = SIZE_POOL_AUTO) -> Describer:
+def build_describer(
+    method: str,
+    weights: str | None = None,
+    device: torch.device | None = None,
+    batch_size: int | None = None,
+    mr_size: float | None = None,
+    precision: str = DEFAULT_PRECISION,
+    frames: str | None = FRAMES_AUTO,
+    upright: bool = False,
+    size_pool: str | None = SIZE_POOL_AUTO,
+) -> Describer:
     """A describer by method name. Learned nets refine the detector's frames with the
     ``frames`` net first (:func:`resolve_frames`) and pool their descriptors over the sizes
     of ``size_pool`` (:func:`resolve_size_pool`); SIFT and RootSIFT keep SIFT's frames.
@@ -295,6 +331,15 @@ def build_describer(method: str, weights: str | None = None,
     device = device or torch.device("cpu")
     if batch_size is None:
         batch_size = default_batch_size(device)
-    return NetDescriber(loaded.net, device, batch_size, mr_size, meta,
-                        precision, frames_net, frames_mr, upright, pool)
-
+    return NetDescriber(
+        loaded.net,
+        device,
+        batch_size,
+        mr_size,
+        meta,
+        precision,
+        frames_net,
+        frames_mr,
+        upright,
+        pool,
+    )

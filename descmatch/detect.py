@@ -36,15 +36,21 @@ class Keypoints:
 
     def select(self, idx: np.ndarray) -> Keypoints:
         cv = tuple(self.cv[i] for i in idx) if self.cv is not None else None
-        return Keypoints(self.xy[idx], self.size[idx], self.angle[idx], self.response[idx], cv,
-                         self.detector)
+        return Keypoints(
+            self.xy[idx], self.size[idx], self.angle[idx], self.response[idx], cv, self.detector
+        )
 
     def scaled(self, sx: float, sy: float) -> Keypoints:
         """Map to another resolution scaled by (sx, sy): with pixel centres at integers,
         x' = (x + 0.5) * sx - 0.5."""
         xy = (self.xy + 0.5) * np.array([sx, sy], np.float32) - 0.5
-        return Keypoints(xy.astype(np.float32), (self.size * np.sqrt(sx * sy)).astype(np.float32),
-                         self.angle, self.response, None)
+        return Keypoints(
+            xy.astype(np.float32),
+            (self.size * np.sqrt(sx * sy)).astype(np.float32),
+            self.angle,
+            self.response,
+            None,
+        )
 
     @staticmethod
     def empty() -> Keypoints:
@@ -71,10 +77,15 @@ class DoGSettings:
 
     def settings(self) -> dict[str, Any]:
         """What a features file records (and must match to be completed)."""
-        return {"detector": self.name, "max_keypoints": self.max_keypoints,
-                "contrast_threshold": self.contrast_threshold,
-                "edge_threshold": self.edge_threshold, "sigma": self.sigma,
-                "n_octave_layers": self.n_octave_layers, "upright": self.upright}
+        return {
+            "detector": self.name,
+            "max_keypoints": self.max_keypoints,
+            "contrast_threshold": self.contrast_threshold,
+            "edge_threshold": self.edge_threshold,
+            "sigma": self.sigma,
+            "n_octave_layers": self.n_octave_layers,
+            "upright": self.upright,
+        }
 
 
 @dataclass(frozen=True)
@@ -85,10 +96,14 @@ class SiftDetector(DoGSettings):
 
     def make_cv(self) -> Any:
         # precise upscale: without it OpenCV's keypoints sit 0.25 px down-right.
-        return cv2.SIFT_create(nfeatures=0, nOctaveLayers=self.n_octave_layers,
-                               contrastThreshold=self.contrast_threshold,
-                               edgeThreshold=self.edge_threshold, sigma=self.sigma,
-                               enable_precise_upscale=True)
+        return cv2.SIFT_create(
+            nfeatures=0,
+            nOctaveLayers=self.n_octave_layers,
+            contrastThreshold=self.contrast_threshold,
+            edgeThreshold=self.edge_threshold,
+            sigma=self.sigma,
+            enable_precise_upscale=True,
+        )
 
     def __call__(self, image: np.ndarray) -> Keypoints:
         """Detect on a gray float32 image in [0,1]. Shape: image (H,W)."""
@@ -99,8 +114,7 @@ class SiftDetector(DoGSettings):
         if not kps:
             return Keypoints.empty()
         # OpenCV hands back KeyPoint objects: one pass reads their fields into arrays.
-        arr = np.array([(k.pt[0], k.pt[1], k.size, k.angle, k.response) for k in kps],
-                       np.float32)
+        arr = np.array([(k.pt[0], k.pt[1], k.size, k.angle, k.response) for k in kps], np.float32)
         order = np.argsort(-arr[:, 4], kind="stable")
         if self.upright:
             arr[:, 3] = 0.0
@@ -114,8 +128,9 @@ class SiftDetector(DoGSettings):
             for k in cv:
                 k.angle = 0.0
         a = arr[order]
-        return Keypoints(np.ascontiguousarray(a[:, :2]), a[:, 2].copy(), a[:, 3].copy(),
-                         a[:, 4].copy(), cv, self)
+        return Keypoints(
+            np.ascontiguousarray(a[:, :2]), a[:, 2].copy(), a[:, 3].copy(), a[:, 4].copy(), cv, self
+        )
 
 
 def to_uint8(image: np.ndarray) -> np.ndarray:
@@ -136,6 +151,7 @@ def build_detector(name: str = "sift", **conf: Any) -> Any:
     try:
         make = DETECTORS[name]
     except KeyError:
-        raise ConfigError(f"unknown detector {name!r}; choose one of {', '.join(DETECTORS)}"
-                          ) from None
+        raise ConfigError(
+            f"unknown detector {name!r}; choose one of {', '.join(DETECTORS)}"
+        ) from None
     return make(**conf)

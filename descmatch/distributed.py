@@ -72,7 +72,7 @@ class Dist:
 
     def shard(self, items: list[Any]) -> list[Any]:
         """This rank's share of ``items`` (every world_size-th item, from its rank)."""
-        return items[self.rank::self.world_size] if self.active else items
+        return items[self.rank :: self.world_size] if self.active else items
 
 
 def launch_env() -> tuple[int, int, int] | None:

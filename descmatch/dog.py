@@ -95,8 +95,9 @@ class DoGDetector(DoGSettings):
         out = [t[order].cpu().numpy().astype(np.float32) for t in (xy, size, angle, resp)]
         return Keypoints(np.ascontiguousarray(out[0]), out[1], out[2], out[3], None, self)
 
-    def detect_tensors(self, img: torch.Tensor
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def detect_tensors(
+        self, img: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """All keypoints, unsorted, on the image's device: xy (N,2), size, angle, response."""
         n = self.n_octave_layers
         s0 = self.sigma
@@ -136,9 +137,9 @@ class DoGDetector(DoGSettings):
         ext[0] = False
         ext[-1] = False
         ext[:, :_BORDER] = False
-        ext[:, H - _BORDER:] = False
+        ext[:, H - _BORDER :] = False
         ext[:, :, :_BORDER] = False
-        ext[:, :, W - _BORDER:] = False
+        ext[:, :, W - _BORDER :] = False
         idx = torch.nonzero(ext)
         if idx.shape[0] == 0:
             return None
@@ -164,8 +165,15 @@ class DoGDetector(DoGSettings):
             xi[mv] = xi[mv] + torch.round(xm[:, 0]).clamp(-1e6, 1e6).long()
             yi[mv] = yi[mv] + torch.round(xm[:, 1]).clamp(-1e6, 1e6).long()
             li[mv] = li[mv] + torch.round(xm[:, 2]).clamp(-1e6, 1e6).long()
-            out = (huge | (li[mv] < 1) | (li[mv] > n) | (yi[mv] < _BORDER) | (yi[mv] >= H - _BORDER)
-                   | (xi[mv] < _BORDER) | (xi[mv] >= W - _BORDER))
+            out = (
+                huge
+                | (li[mv] < 1)
+                | (li[mv] > n)
+                | (yi[mv] < _BORDER)
+                | (yi[mv] >= H - _BORDER)
+                | (xi[mv] < _BORDER)
+                | (xi[mv] >= W - _BORDER)
+            )
             alive[mv[out]] = False
             li[mv[out]], yi[mv[out]], xi[mv[out]] = 1, _BORDER, _BORDER  # safe to index
         keep = alive & done
@@ -185,16 +193,26 @@ class DoGDetector(DoGSettings):
         dxx, dyy, dxy = _hessian2(dog, li, yi, xi)
         tr, det = dxx + dyy, dxx * dyy - dxy * dxy
         e = self.edge_threshold
-        ok = (contr.abs() * n >= self.contrast_threshold) & (det > 0) & (
-            tr * tr * e < (e + 1) ** 2 * det)
+        ok = (
+            (contr.abs() * n >= self.contrast_threshold)
+            & (det > 0)
+            & (tr * tr * e < (e + 1) ** 2 * det)
+        )
         if not bool(ok.any()):
             return None
         return li[ok], yi[ok], xi[ok], off[ok], contr.abs()[ok]
 
     # -- orientation ---------------------------------------------------------------------
-    def _orient(self, g: torch.Tensor, li: torch.Tensor, yi: torch.Tensor, xi: torch.Tensor,
-                off: torch.Tensor, resp: torch.Tensor, octave: int
-                ) -> tuple[torch.Tensor, ...]:
+    def _orient(
+        self,
+        g: torch.Tensor,
+        li: torch.Tensor,
+        yi: torch.Tensor,
+        xi: torch.Tensor,
+        off: torch.Tensor,
+        resp: torch.Tensor,
+        octave: int,
+    ) -> tuple[torch.Tensor, ...]:
         n = self.n_octave_layers
         dev = g.device
         scl = self.sigma * torch.pow(2.0, (li.float() + off[:, 2]) / n)  # octave sigma
@@ -211,8 +229,14 @@ class DoGDetector(DoGSettings):
         oy, ox = oy.reshape(-1), ox.reshape(-1)
         y = yi[:, None] + oy[None]
         x = xi[:, None] + ox[None]
-        valid = ((oy.abs()[None] <= radius[:, None]) & (ox.abs()[None] <= radius[:, None])
-                 & (y > 0) & (y < H - 1) & (x > 0) & (x < W - 1))
+        valid = (
+            (oy.abs()[None] <= radius[:, None])
+            & (ox.abs()[None] <= radius[:, None])
+            & (y > 0)
+            & (y < H - 1)
+            & (x > 0)
+            & (x < W - 1)
+        )
         yc, xc = y.clamp(1, H - 2), x.clamp(1, W - 2)
         flat = g.reshape(-1)
         base = (li * (H * W))[:, None]  # the keypoint's Gaussian layer
@@ -229,15 +253,19 @@ class DoGDetector(DoGSettings):
         b = torch.round(ori * (_ORI_BINS / 360.0)).long() % _ORI_BINS
         K = li.shape[0]
         hist = torch.zeros(K * _ORI_BINS, device=dev)
-        hist.index_add_(0, (torch.arange(K, device=dev)[:, None] * _ORI_BINS + b).reshape(-1),
-                        mag.reshape(-1))
+        hist.index_add_(
+            0, (torch.arange(K, device=dev)[:, None] * _ORI_BINS + b).reshape(-1), mag.reshape(-1)
+        )
         hist = hist.view(K, _ORI_BINS)
 
         def roll(t: torch.Tensor, s: int) -> torch.Tensor:  # t[i - s]
             return torch.roll(t, s, 1)
 
-        sm = ((roll(hist, 2) + roll(hist, -2)) * (1 / 16) + (roll(hist, 1) + roll(hist, -1))
-              * (4 / 16) + hist * (6 / 16))
+        sm = (
+            (roll(hist, 2) + roll(hist, -2)) * (1 / 16)
+            + (roll(hist, 1) + roll(hist, -1)) * (4 / 16)
+            + hist * (6 / 16)
+        )
         left, right = roll(sm, 1), roll(sm, -1)
         peak = (sm > left) & (sm > right) & (sm >= _ORI_PEAK * sm.max(1, keepdim=True).values)
         ki, bi = torch.nonzero(peak, as_tuple=True)
@@ -250,10 +278,15 @@ class DoGDetector(DoGSettings):
         return xy[ki], size[ki], angle, resp[ki]
 
 
-def _derivatives(d: torch.Tensor, l: torch.Tensor, y: torch.Tensor, x: torch.Tensor  # noqa: E741
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def _derivatives(
+    d: torch.Tensor,
+    l: torch.Tensor,  # noqa: E741
+    y: torch.Tensor,
+    x: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradient (K,3) and Hessian (K,3,3) of the DoG stack in (x, y, scale), central
     differences as in OpenCV's adjustLocalExtrema."""
+
     def v(dl: int, dy: int, dx: int) -> torch.Tensor:
         return d[l + dl, y + dy, x + dx]
 
@@ -268,16 +301,25 @@ def _derivatives(d: torch.Tensor, l: torch.Tensor, y: torch.Tensor, x: torch.Ten
     dxs = 0.25 * (v(1, 0, 1) - v(1, 0, -1) - v(-1, 0, 1) + v(-1, 0, -1))
     dys = 0.25 * (v(1, 1, 0) - v(1, -1, 0) - v(-1, 1, 0) + v(-1, -1, 0))
     g = torch.stack([gx, gy, gs], 1)
-    h = torch.stack([torch.stack([dxx, dxy, dxs], 1), torch.stack([dxy, dyy, dys], 1),
-                     torch.stack([dxs, dys, dss], 1)], 1)
+    h = torch.stack(
+        [
+            torch.stack([dxx, dxy, dxs], 1),
+            torch.stack([dxy, dyy, dys], 1),
+            torch.stack([dxs, dys, dss], 1),
+        ],
+        1,
+    )
     return g, h
 
 
-def _hessian2(d: torch.Tensor, l: torch.Tensor, y: torch.Tensor, x: torch.Tensor  # noqa: E741
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _hessian2(
+    d: torch.Tensor,
+    l: torch.Tensor,  # noqa: E741
+    y: torch.Tensor,
+    x: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     c = d[l, y, x]
     dxx = d[l, y, x + 1] + d[l, y, x - 1] - 2 * c
     dyy = d[l, y + 1, x] + d[l, y - 1, x] - 2 * c
-    dxy = 0.25 * (d[l, y + 1, x + 1] - d[l, y + 1, x - 1] - d[l, y - 1, x + 1]
-                  + d[l, y - 1, x - 1])
+    dxy = 0.25 * (d[l, y + 1, x + 1] - d[l, y + 1, x - 1] - d[l, y - 1, x + 1] + d[l, y - 1, x - 1])
     return dxx, dyy, dxy

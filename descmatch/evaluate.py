@@ -35,8 +35,13 @@ class PairScore:
         return self.correct[t] / self.matches if self.matches else 0.0
 
 
-def score_homography(kp0: np.ndarray, kp1: np.ndarray, matches0: np.ndarray,
-                     h: np.ndarray, thresholds: tuple[int, ...] = THRESHOLDS) -> PairScore:
+def score_homography(
+    kp0: np.ndarray,
+    kp1: np.ndarray,
+    matches0: np.ndarray,
+    h: np.ndarray,
+    thresholds: tuple[int, ...] = THRESHOLDS,
+) -> PairScore:
     """Count matches whose image-0 keypoint maps within t px of its match under ``h``."""
     valid = matches0 >= 0
     i0 = np.nonzero(valid)[0]
@@ -50,9 +55,13 @@ def score_homography(kp0: np.ndarray, kp1: np.ndarray, matches0: np.ndarray,
 FRAME_ANGLE, FRAME_SCALE = 30.0, 1.5
 
 
-def possible_correspondences(kp0: np.ndarray, kp1: np.ndarray, h: np.ndarray,
-                             threshold: float = 3.0,
-                             frames: tuple[np.ndarray, ...] | None = None) -> int:
+def possible_correspondences(
+    kp0: np.ndarray,
+    kp1: np.ndarray,
+    h: np.ndarray,
+    threshold: float = 3.0,
+    frames: tuple[np.ndarray, ...] | None = None,
+) -> int:
     """The most one-to-one matches that can be correct at ``threshold`` px with these
     keypoints: a maximum bipartite matching between image-0 keypoints (mapped by ``h``) and
     image-1 keypoints within the threshold. No descriptor can find more mutual matches
@@ -84,8 +93,9 @@ def possible_correspondences(kp0: np.ndarray, kp1: np.ndarray, h: np.ndarray,
             adj.append([])
             continue
         cx, cy = int(c0[i, 0]), int(c0[i, 1])
-        cand = [j for dx in (-1, 0, 1) for dy in (-1, 0, 1)
-                for j in grid.get((cx + dx, cy + dy), ())]
+        cand = [
+            j for dx in (-1, 0, 1) for dy in (-1, 0, 1) for j in grid.get((cx + dx, cy + dy), ())
+        ]
         if cand:
             d = np.linalg.norm(kp1[cand] - p0[i], axis=1)
             ok = d <= threshold
@@ -120,8 +130,9 @@ def possible_correspondences(kp0: np.ndarray, kp1: np.ndarray, h: np.ndarray,
     return sum(m >= 0 for m in match1)
 
 
-def homography_corner_error(h_est: np.ndarray | None, h_true: np.ndarray,
-                            width: int, height: int) -> float:
+def homography_corner_error(
+    h_est: np.ndarray | None, h_true: np.ndarray, width: int, height: int
+) -> float:
     """Mean distance of the image corners mapped by the estimate and the truth."""
     if h_est is None:
         return float("inf")
@@ -159,9 +170,14 @@ def _sequence_images(seq: Path) -> list[Path]:
     return out
 
 
-def evaluate_homography(seq: str | Path, describer: Any, detector: Any,
-                        ratio: float | None = None, mutual: bool = True,
-                        device: Any = "cpu") -> list[HomographyRow]:
+def evaluate_homography(
+    seq: str | Path,
+    describer: Any,
+    detector: Any,
+    ratio: float | None = None,
+    mutual: bool = True,
+    device: Any = "cpu",
+) -> list[HomographyRow]:
     """Match image 1 of an HPatches-style sequence to each image i with ``H_1_i`` and score
     the matches (1/2/3/5/10 px) and a RANSAC homography's corner error."""
     import torch
@@ -191,11 +207,19 @@ def evaluate_homography(seq: str | Path, describer: Any, detector: Any,
         i0 = np.nonzero(m_np >= 0)[0]
         h_est, _ = verify(k0.xy[i0], k1.xy[m_np[i0]], "homography")
         err = homography_corner_error(h_est, h_true, w0, h0)
-        rows.append(HomographyRow(
-            seq.name, f"1-{i + 1}", s.matches, s.correct, err,
-            possible_correspondences(k0.xy, k1.xy, h_true, 3.0),
-            possible_correspondences(k0.xy, k1.xy, h_true, 3.0,
-                                     (k0.size, k0.angle, k1.size, k1.angle))))
+        rows.append(
+            HomographyRow(
+                seq.name,
+                f"1-{i + 1}",
+                s.matches,
+                s.correct,
+                err,
+                possible_correspondences(k0.xy, k1.xy, h_true, 3.0),
+                possible_correspondences(
+                    k0.xy, k1.xy, h_true, 3.0, (k0.size, k0.angle, k1.size, k1.angle)
+                ),
+            )
+        )
     return rows
 
 
@@ -209,9 +233,16 @@ class EpipolarRow:
     correct: int  # symmetric epipolar distance under the threshold
 
 
-def evaluate_epipolar(scene: str | Path, describer: Any, detector: Any,
-                      ratio: float | None = None, mutual: bool = True, device: Any = "cpu",
-                      threshold: float = 2.0, step: int = 1) -> list[EpipolarRow]:
+def evaluate_epipolar(
+    scene: str | Path,
+    describer: Any,
+    detector: Any,
+    ratio: float | None = None,
+    mutual: bool = True,
+    device: Any = "cpu",
+    threshold: float = 2.0,
+    step: int = 1,
+) -> list[EpipolarRow]:
     """Match consecutive images (i, i+step) of a scene with ``cameras.txt`` and count the
     matches within ``threshold`` px of their epipolar lines under the true cameras."""
     import torch
@@ -273,8 +304,10 @@ def _vector_angle_deg(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.degrees(np.arctan2(np.linalg.norm(np.cross(a, b)), float(a @ b))))
 
 
-def relative_pose_errors(estimated: dict[str, tuple[np.ndarray, np.ndarray]],
-                         truth: dict[str, tuple[np.ndarray, np.ndarray]]) -> list[PoseError]:
+def relative_pose_errors(
+    estimated: dict[str, tuple[np.ndarray, np.ndarray]],
+    truth: dict[str, tuple[np.ndarray, np.ndarray]],
+) -> list[PoseError]:
     """Relative pose errors of all pairs of images that have both an estimated and a true
     pose, each pose a world-to-camera ``(R, t)`` (``x_cam = R X + t``). Independent of the
     reconstruction's frame and scale: the relative pose of cameras i, j is
@@ -283,7 +316,7 @@ def relative_pose_errors(estimated: dict[str, tuple[np.ndarray, np.ndarray]],
     names = sorted(n for n in estimated if n in truth)
     out = []
     for k, a in enumerate(names):
-        for b in names[k + 1:]:
+        for b in names[k + 1 :]:
             rel = []
             for poses in (estimated, truth):
                 (ra, ta), (rb, tb) = poses[a], poses[b]
@@ -292,8 +325,9 @@ def relative_pose_errors(estimated: dict[str, tuple[np.ndarray, np.ndarray]],
                 t = np.asarray(tb, np.float64) - r @ np.asarray(ta, np.float64)
                 rel.append((r, t))
             (re, te), (rt, tt) = rel
-            out.append(PoseError(f"{a}-{b}", _rotation_angle_deg(re.T @ rt),
-                                 _vector_angle_deg(te, tt)))
+            out.append(
+                PoseError(f"{a}-{b}", _rotation_angle_deg(re.T @ rt), _vector_angle_deg(te, tt))
+            )
     return out
 
 
@@ -313,8 +347,9 @@ class PoseErrorSummary:
     rows: list[PoseError]
 
 
-def summarize_pose_errors(errors: list[PoseError], cameras: int = 0,
-                          registered: int = 0) -> PoseErrorSummary:
+def summarize_pose_errors(
+    errors: list[PoseError], cameras: int = 0, registered: int = 0
+) -> PoseErrorSummary:
     """Summarise ``relative_pose_errors``; ``cameras``: how many true poses there are,
     ``registered``: how many of them were estimated."""
     r = np.array([e.rotation_deg for e in errors], np.float64)
@@ -323,5 +358,14 @@ def summarize_pose_errors(errors: list[PoseError], cameras: int = 0,
         nan = float("nan")
         return PoseErrorSummary(0, cameras, registered, nan, nan, nan, nan, 0.0, errors)
     ok = float(np.mean((r < 5) & (t < 5)))
-    return PoseErrorSummary(len(r), cameras, registered, float(np.median(r)), float(r.mean()),
-                            float(np.nanmedian(t)), float(np.nanmean(t)), ok, errors)
+    return PoseErrorSummary(
+        len(r),
+        cameras,
+        registered,
+        float(np.median(r)),
+        float(r.mean()),
+        float(np.nanmedian(t)),
+        float(np.nanmean(t)),
+        ok,
+        errors,
+    )

@@ -60,8 +60,7 @@ class _Loaded:
     seconds: float = 0.0  # spent loading and detecting (in the prefetch thread)
 
 
-def _load(images: ImageList, name: str, detector: SiftDetector,
-          max_side: int | None) -> _Loaded:
+def _load(images: ImageList, name: str, detector: SiftDetector, max_side: int | None) -> _Loaded:
     t0 = time.perf_counter()
     try:
         img = read_image(images.path(name))
@@ -73,8 +72,13 @@ def _load(images: ImageList, name: str, detector: SiftDetector,
     return _Loaded(name, small, kps, scale, (w, h), seconds=time.perf_counter() - t0)
 
 
-def _prefetch(images: ImageList, names: list[str], detector: SiftDetector,
-              max_side: int | None, depth: int = 2) -> Iterator[_Loaded]:
+def _prefetch(
+    images: ImageList,
+    names: list[str],
+    detector: SiftDetector,
+    max_side: int | None,
+    depth: int = 2,
+) -> Iterator[_Loaded]:
     """Load and detect up to ``depth`` images ahead in a worker thread (0: in this thread)."""
     if depth <= 0:
         for name in names:
@@ -131,8 +135,21 @@ def extract(
     }
     result = ExtractResult(out)
     with session(getattr(describer, "device", None)) as d:
-        _extract(images, out, describer, detector, max_side, overwrite, strict, half, attrs,
-                 progress, result, d, prefetch)
+        _extract(
+            images,
+            out,
+            describer,
+            detector,
+            max_side,
+            overwrite,
+            strict,
+            half,
+            attrs,
+            progress,
+            result,
+            d,
+            prefetch,
+        )
         result.seconds = time.perf_counter() - t0
         if d.active:
             result = _combine(result, d.gather(result))
@@ -142,28 +159,48 @@ def extract(
 def _combine(mine: ExtractResult, parts: list[ExtractResult]) -> ExtractResult:
     """The whole run's figures from every rank's (describe time: the slowest rank's)."""
     return ExtractResult(
-        mine.path, images=sum(p.images for p in parts),
+        mine.path,
+        images=sum(p.images for p in parts),
         skipped_existing=mine.skipped_existing,
         failed=[f for p in parts for f in p.failed],
-        keypoints=sum(p.keypoints for p in parts), seconds=mine.seconds,
+        keypoints=sum(p.keypoints for p in parts),
+        seconds=mine.seconds,
         describe_seconds=max(p.describe_seconds for p in parts),
         load_seconds=max(p.load_seconds for p in parts),
-        write_seconds=max(p.write_seconds for p in parts))
+        write_seconds=max(p.write_seconds for p in parts),
+    )
 
 
-def _extract(images: ImageList, out: Path, describer: Describer | None, detector: SiftDetector,
-             max_side: int | None, overwrite: bool, strict: bool, half: bool,
-             attrs: dict[str, Any], progress: Progress | None, result: ExtractResult,
-             d: Dist, prefetch: int) -> None:
-    with Writer(out, "features", attrs, overwrite=overwrite,
-                must_match=("method", "descriptor_dim", "weights_sha256", "settings"),
-                shard=Shard(d.rank, d.world_size, d.barrier)) as writer:
+def _extract(
+    images: ImageList,
+    out: Path,
+    describer: Describer | None,
+    detector: SiftDetector,
+    max_side: int | None,
+    overwrite: bool,
+    strict: bool,
+    half: bool,
+    attrs: dict[str, Any],
+    progress: Progress | None,
+    result: ExtractResult,
+    d: Dist,
+    prefetch: int,
+) -> None:
+    with Writer(
+        out,
+        "features",
+        attrs,
+        overwrite=overwrite,
+        must_match=("method", "descriptor_dim", "weights_sha256", "settings"),
+        shard=Shard(d.rank, d.world_size, d.barrier),
+    ) as writer:
         pending = [n for n in images.names if n not in writer.done]
         result.skipped_existing = len(images.names) - len(pending)
         todo = d.shard(pending)
         if d.active:
-            log.info("rank %d of %d: %d of %d images", d.rank, d.world_size, len(todo),
-                     len(pending))
+            log.info(
+                "rank %d of %d: %d of %d images", d.rank, d.world_size, len(todo), len(pending)
+            )
         pack = int(getattr(describer, "pack_patches", 0) or 0)
         held: list[_Loaded] = []  # loaded images waiting for one net call (pack > 0)
         held_kps = done = 0
@@ -178,11 +215,18 @@ def _extract(images: ImageList, out: Path, describer: Describer | None, detector
                     for b in batch:
                         b.kps = refine(b.image, b.kps)
                 if len(batch) > 1:
-                    descs = list(describer.describe_many(  # type: ignore[attr-defined]
-                        [(b.image, b.kps) for b in batch]))
+                    descs = list(
+                        describer.describe_many(  # type: ignore[attr-defined]
+                            [(b.image, b.kps) for b in batch]
+                        )
+                    )
                 elif refine is not None:
-                    descs = [describer.describe(batch[0].image,  # type: ignore[attr-defined]
-                                                batch[0].kps)]
+                    descs = [
+                        describer.describe(
+                            batch[0].image,  # type: ignore[attr-defined]
+                            batch[0].kps,
+                        )
+                    ]
                 else:
                     descs = [describer(batch[0].image, batch[0].kps)]
                 result.describe_seconds += time.perf_counter() - td
@@ -212,8 +256,9 @@ def _extract(images: ImageList, out: Path, describer: Describer | None, detector
             finish(held)
 
 
-def _write(writer: Writer, item: _Loaded, desc: np.ndarray | None, half: bool,
-           result: ExtractResult) -> None:
+def _write(
+    writer: Writer, item: _Loaded, desc: np.ndarray | None, half: bool, result: ExtractResult
+) -> None:
     """One image's keypoints (in original pixels) and descriptors into the features file."""
     assert item.kps is not None
     kps = item.kps
@@ -223,13 +268,15 @@ def _write(writer: Writer, item: _Loaded, desc: np.ndarray | None, half: bool,
         data["descriptors"] = np.ascontiguousarray(desc_t)
     sx, sy = item.scale
     full = kps.scaled(1.0 / sx, 1.0 / sy) if (sx, sy) != (1.0, 1.0) else kps
-    data.update({
-        "keypoints": full.xy.astype(np.float32),
-        "scores": full.response.astype(np.float32),
-        "scales": full.size.astype(np.float32),
-        "oris": full.angle.astype(np.float32),
-        "image_size": np.array(item.size, np.int32),
-    })
+    data.update(
+        {
+            "keypoints": full.xy.astype(np.float32),
+            "scores": full.response.astype(np.float32),
+            "scales": full.size.astype(np.float32),
+            "oris": full.angle.astype(np.float32),
+            "image_size": np.array(item.size, np.int32),
+        }
+    )
     tw = time.perf_counter()
     writer.write(item.name, data)
     result.write_seconds += time.perf_counter() - tw

@@ -31,8 +31,9 @@ def homography_jacobian(h: np.ndarray, xy: np.ndarray) -> np.ndarray:
     return j
 
 
-def map_keypoints(h: np.ndarray, xy: np.ndarray, size: np.ndarray, angle: np.ndarray
-                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def map_keypoints(
+    h: np.ndarray, xy: np.ndarray, size: np.ndarray, angle: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Keypoints seen through ``h``: position, size times the local scale, orientation mapped
     as a gradient direction by the local Jacobian's inverse transpose (OpenCV degrees, y down).
     Also returns "in front" (w > 0).
@@ -47,10 +48,15 @@ def map_keypoints(h: np.ndarray, xy: np.ndarray, size: np.ndarray, angle: np.nda
     # The orientation is a dominant gradient direction, and gradients map by J^-T (the same
     # direction as J for a similarity; under foreshortening J would turn it the wrong way).
     # J^-T = adj(J)^T / det: the adjugate gives the direction, det's sign the sense.
-    adj_t = np.stack([np.stack([j[:, 1, 1], -j[:, 1, 0]], 1),
-                      np.stack([-j[:, 0, 1], j[:, 0, 0]], 1)], 1)
+    adj_t = np.stack(
+        [np.stack([j[:, 1, 1], -j[:, 1, 0]], 1), np.stack([-j[:, 0, 1], j[:, 0, 0]], 1)], 1
+    )
     d = np.einsum("nij,nj->ni", adj_t, np.stack([np.cos(t), np.sin(t)], 1))
     d *= np.sign(np.where(det == 0, 1.0, det))[:, None]
     ang = np.rad2deg(np.arctan2(d[:, 1], d[:, 0])) % 360.0
-    return (uv.astype(np.float32), (np.asarray(size) * scale).astype(np.float32),
-            ang.astype(np.float32), w > 0)
+    return (
+        uv.astype(np.float32),
+        (np.asarray(size) * scale).astype(np.float32),
+        ang.astype(np.float32),
+        w > 0,
+    )

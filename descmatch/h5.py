@@ -95,8 +95,9 @@ def _check_attrs(path: Path, f: h5py.File, kind: str) -> dict[str, Any]:
         raise SchemaError(f"{path}: not a descmatch {kind} file (no descmatch_schema attribute)")
     version = int(attrs["descmatch_schema"])
     if version != SCHEMA_VERSION:
-        raise SchemaError(f"{path}: schema version {version}, this descmatch reads version "
-                          f"{SCHEMA_VERSION}")
+        raise SchemaError(
+            f"{path}: schema version {version}, this descmatch reads version {SCHEMA_VERSION}"
+        )
     if attrs.get("descmatch_kind") != kind:
         raise SchemaError(f"{path}: holds {attrs.get('descmatch_kind')}, not {kind}")
     return {k: (v.decode() if isinstance(v, bytes) else v) for k, v in attrs.items()}
@@ -121,7 +122,7 @@ def leftover_parts(path: Path) -> list[Path]:
     found = [part_path(path)] if part_path(path).exists() else []
     ranked = []
     for p in path.parent.glob(glob.escape(path.name) + ".rank*.part"):
-        r = p.name[len(path.name) + len(".rank"):-len(".part")]
+        r = p.name[len(path.name) + len(".rank") : -len(".part")]
         if r.isdigit():
             ranked.append((int(r), p))
     return found + [p for _, p in sorted(ranked)]
@@ -135,13 +136,23 @@ class Writer:
     Use as a context manager; ``done`` holds the keys that need no work.
     """
 
-    def __init__(self, path: str | Path, kind: str, attrs: Mapping[str, Any],
-                 must_match: Iterable[str] = (), overwrite: bool = False,
-                 shard: Shard | None = None) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        kind: str,
+        attrs: Mapping[str, Any],
+        must_match: Iterable[str] = (),
+        overwrite: bool = False,
+        shard: Shard | None = None,
+    ) -> None:
         self.path = Path(path)
         self.kind = kind
-        self.attrs = {"descmatch_schema": SCHEMA_VERSION, "descmatch_kind": kind,
-                      "descmatch_version": __version__, **attrs}
+        self.attrs = {
+            "descmatch_schema": SCHEMA_VERSION,
+            "descmatch_kind": kind,
+            "descmatch_version": __version__,
+            **attrs,
+        }
         self.must_match = tuple(must_match)
         self.overwrite = overwrite
         self.shard = shard if shard is not None else Shard()
@@ -161,7 +172,8 @@ class Writer:
             if old != new:
                 raise SchemaError(
                     f"{where}: holds {key}={old!r} but this run makes {key}={new!r}; "
-                    "write to another file or pass --overwrite")
+                    "write to another file or pass --overwrite"
+                )
 
     def _prepare(self) -> None:
         parent = self.path.parent
@@ -207,8 +219,7 @@ class Writer:
         try:
             f = h5py.File(self.part_path, "a")
         except OSError:
-            log.warning("%s: unreadable leftover of an interrupted run, discarded",
-                        self.part_path)
+            log.warning("%s: unreadable leftover of an interrupted run, discarded", self.part_path)
             self.part_path.unlink()
             return
         try:
@@ -219,8 +230,11 @@ class Writer:
                 del f[key]
             self.new_keys = sorted(complete - self._existing_keys)
             self._part = f
-            log.info("%s: resuming, %d entries kept from an interrupted run",
-                     self.part_path, len(complete))
+            log.info(
+                "%s: resuming, %d entries kept from an interrupted run",
+                self.part_path,
+                len(complete),
+            )
         except Exception:
             f.close()
             raise

@@ -82,7 +82,8 @@ def match_descriptors(
         best, keep, d1, rows0, rows1 = _match(a, b, ratio, mutual, max_elements, dtype, None)
     else:  # everything on the workers: no multi-threaded torch op on the calling thread
         best, keep, d1, rows0, rows1 = workers.submit(
-            _match, a, b, ratio, mutual, max_elements, dtype, workers).result()
+            _match, a, b, ratio, mutual, max_elements, dtype, workers
+        ).result()
     i0 = keep.nonzero().squeeze(1)
     j1 = best[i0]
     s = (1.0 - 0.5 * d1[i0]).clamp(-1.0, 1.0)
@@ -96,10 +97,15 @@ def match_descriptors(
 
 
 @torch.inference_mode()
-def _match(a: torch.Tensor, b: torch.Tensor, ratio: float | None, mutual: bool,
-           max_elements: int, dtype: torch.dtype | None, workers: _Workers | None
-           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None,
-                      torch.Tensor | None]:
+def _match(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    ratio: float | None,
+    mutual: bool,
+    max_elements: int,
+    dtype: torch.dtype | None,
+    workers: _Workers | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(best, matched, d1) per finite row of a, and the indices of the finite rows of a and
     of b (None: all)."""
     na, nb = (a * a).sum(1), (b * b).sum(1)
@@ -115,8 +121,11 @@ def _match(a: torch.Tensor, b: torch.Tensor, ratio: float | None, mutual: bool,
         return none.long(), none, none.float(), rows0, rows1
     if dtype is None:
         return (*_match_fp32(a, na, b, nb, ratio, mutual, max_elements), rows0, rows1)
-    return (*_match_reduced(a, na, b, nb, ratio, mutual, max_elements, dtype, workers),
-            rows0, rows1)
+    return (
+        *_match_reduced(a, na, b, nb, ratio, mutual, max_elements, dtype, workers),
+        rows0,
+        rows1,
+    )
 
 
 def _finite_rows(x: torch.Tensor) -> torch.Tensor | None:
@@ -242,8 +251,7 @@ def _chunks(n: int, size: int, workers: _Workers | None, fn: Callable[[int], T])
 
 
 # -- float32 ---------------------------------------------------------------------------------
-def _sq_dist(a: torch.Tensor, na: torch.Tensor, bt: torch.Tensor, nb: torch.Tensor
-             ) -> torch.Tensor:
+def _sq_dist(a: torch.Tensor, na: torch.Tensor, bt: torch.Tensor, nb: torch.Tensor) -> torch.Tensor:
     """Squared L2 distances in float32 between the rows of a and the columns of bt."""
     return torch.addmm(na[:, None] + nb[None, :], a, bt, alpha=-2.0).clamp_min_(0)
 
@@ -254,8 +262,11 @@ def _top2(dist: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     if dist.shape[1] >= 2:
         vals, idx = torch.topk(dist, 2, dim=1, largest=False)
         return idx[:, 0], vals[:, 0], vals[:, 1]
-    return (torch.zeros(dist.shape[0], dtype=torch.long, device=dist.device), dist[:, 0],
-            torch.full_like(dist[:, 0], float("inf")))
+    return (
+        torch.zeros(dist.shape[0], dtype=torch.long, device=dist.device),
+        dist[:, 0],
+        torch.full_like(dist[:, 0], float("inf")),
+    )
 
 
 def _ratio_ok(d1: torch.Tensor, d2: torch.Tensor, ratio: float | None) -> torch.Tensor:
@@ -265,9 +276,15 @@ def _ratio_ok(d1: torch.Tensor, d2: torch.Tensor, ratio: float | None) -> torch.
     return ok
 
 
-def _match_fp32(a: torch.Tensor, na: torch.Tensor, b: torch.Tensor, nb: torch.Tensor,
-                ratio: float | None, mutual: bool, max_elements: int
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _match_fp32(
+    a: torch.Tensor,
+    na: torch.Tensor,
+    b: torch.Tensor,
+    nb: torch.Tensor,
+    ratio: float | None,
+    mutual: bool,
+    max_elements: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The float32 reference on finite descriptors (na, nb: squared norms): (best,
     matched, d1) per row of a."""
     n0, n1 = a.shape[0], b.shape[0]
@@ -300,8 +317,9 @@ def _pow2_scale(m: float) -> float:
     return 2.0 ** -math.frexp(m)[1] if 0 < m < float("inf") else 1.0
 
 
-def _augment(x: torch.Tensor, nx: torch.Tensor, dtype: torch.dtype, lhs: bool
-             ) -> tuple[torch.Tensor, torch.Tensor, float]:
+def _augment(
+    x: torch.Tensor, nx: torch.Tensor, dtype: torch.dtype, lhs: bool
+) -> tuple[torch.Tensor, torch.Tensor, float]:
     """(X, X in dtype, scale): A = [a, h, l, 1, 1] (lhs) and B = [b, 1, 1, h, l] with h + l =
     -|x|^2/2 (h in dtype, l the remainder), so that A.B = -d^2/2; times a power of two
     keeping fp16 in range."""
@@ -328,17 +346,26 @@ def _augment(x: torch.Tensor, nx: torch.Tensor, dtype: torch.dtype, lhs: bool
 _OUT_ROUNDING = _SAFETY * 1.01 * 2.0**-7  # of a float32 sum rounded to bf16 (RNE or not)
 
 
-def _error_bounds(A: torch.Tensor, Aq: torch.Tensor, na: torch.Tensor, sa: float,
-                  B: torch.Tensor, Bq: torch.Tensor, nb: torch.Tensor, sb: float, dim: int
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+def _error_bounds(
+    A: torch.Tensor,
+    Aq: torch.Tensor,
+    na: torch.Tensor,
+    sa: float,
+    B: torch.Tensor,
+    Bq: torch.Tensor,
+    nb: torch.Tensor,
+    sb: float,
+    dim: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """q_row[i], q_col[j]: bounds on |A.B - (Aq.Bq summed in float32)| over row i, column j,
     the exact -d^2/2 (times sa sb) standing for A.B. |A.B - Aq.Bq| <= sum_k |eA_k||B_k| +
     |Aq_k||eB_k| (e: X - Xq): Cauchy-Schwarz over the descriptor part, term by term over
     the 4 extra columns; float32 accumulation: k roundings of sum_k |Aq_k||Bq_k|; float32
     rounding of the squared norms and of the decisions' arithmetic (slack)."""
 
-    def parts(X: torch.Tensor, Xq: torch.Tensor, nx: torch.Tensor, s: float
-              ) -> tuple[torch.Tensor, ...]:
+    def parts(
+        X: torch.Tensor, Xq: torch.Tensor, nx: torch.Tensor, s: float
+    ) -> tuple[torch.Tensor, ...]:
         E = X - Xq
         ed = E[:, :dim].norm(dim=1)
         xd = nx.sqrt() * s  # |x|
@@ -348,17 +375,36 @@ def _error_bounds(A: torch.Tensor, Aq: torch.Tensor, na: torch.Tensor, sa: float
     bd, bqd, ebd, ba, bqa, eba = parts(B, Bq, nb, sb)
     acc = 1.01 * (dim + 4) * _EPS32
     slack = 4 * dim * _EPS32 * sa * sb
-    q_row = (ead * bd.max() + eaa @ ba.amax(0) + aqd * ebd.max() + aqa @ eba.amax(0)
-             + acc * (aqd * bqd.max() + aqa @ bqa.amax(0)) + slack * (na + nb.max()))
-    q_col = (ead.max() * bd + ba @ eaa.amax(0) + aqd.max() * ebd + eba @ aqa.amax(0)
-             + acc * (aqd.max() * bqd + bqa @ aqa.amax(0)) + slack * (na.max() + nb))
+    q_row = (
+        ead * bd.max()
+        + eaa @ ba.amax(0)
+        + aqd * ebd.max()
+        + aqa @ eba.amax(0)
+        + acc * (aqd * bqd.max() + aqa @ bqa.amax(0))
+        + slack * (na + nb.max())
+    )
+    q_col = (
+        ead.max() * bd
+        + ba @ eaa.amax(0)
+        + aqd.max() * ebd
+        + eba @ aqa.amax(0)
+        + acc * (aqd.max() * bqd + bqa @ aqa.amax(0))
+        + slack * (na.max() + nb)
+    )
     return _SAFETY * q_row + 2.0**-100, _SAFETY * q_col + 2.0**-100
 
 
-def _match_reduced(a: torch.Tensor, na: torch.Tensor, b: torch.Tensor, nb: torch.Tensor,
-                   ratio: float | None, mutual: bool, max_elements: int, dtype: torch.dtype,
-                   workers: _Workers | None
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _match_reduced(
+    a: torch.Tensor,
+    na: torch.Tensor,
+    b: torch.Tensor,
+    nb: torch.Tensor,
+    ratio: float | None,
+    mutual: bool,
+    max_elements: int,
+    dtype: torch.dtype,
+    workers: _Workers | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The fp32 answer from a reduced-precision similarity matrix (see match_descriptors).
 
     S = A.B = -d^2/2 (see _augment) is computed in ``dtype`` (float32 accumulation; on the
@@ -455,11 +501,16 @@ def _match_reduced(a: torch.Tensor, na: torch.Tensor, b: torch.Tensor, nb: torch
     if rows.numel():
         ar, nar, bt = a[rows], na[rows], b.t()
         ch = max(1, size // n1)
-        parts32 = _chunks(len(rows), ch, workers,
-                          lambda s: _top2(_sq_dist(ar[s:s + ch], nar[s:s + ch], bt, nb)))
+        parts32 = _chunks(
+            len(rows),
+            ch,
+            workers,
+            lambda s: _top2(_sq_dist(ar[s : s + ch], nar[s : s + ch], bt, nb)),
+        )
         bu = torch.cat([p[0] for p in parts32])
-        ok = _ratio_ok(torch.cat([p[1] for p in parts32]),
-                       torch.cat([p[2] for p in parts32]), ratio)
+        ok = _ratio_ok(
+            torch.cat([p[1] for p in parts32]), torch.cat([p[2] for p in parts32]), ratio
+        )
         best[rows] = bu
         keep[rows] = ok
         dex[rows] = (ar - b[bu]).square().sum(1)
@@ -473,8 +524,12 @@ def _match_reduced(a: torch.Tensor, na: torch.Tensor, b: torch.Tensor, nb: torch
             cols, where = torch.unique(best[rows], return_inverse=True)
             bc, nbc, at = b[cols], nb[cols], a.t()
             ch = max(1, size // n0)
-            parts32 = _chunks(len(cols), ch, workers,
-                              lambda s: _sq_dist(bc[s:s + ch], nbc[s:s + ch], at, na).min(1)[1])
+            parts32 = _chunks(
+                len(cols),
+                ch,
+                workers,
+                lambda s: _sq_dist(bc[s : s + ch], nbc[s : s + ch], at, na).min(1)[1],
+            )
             keep[rows] = torch.cat(parts32)[where] == rows
 
     return best, keep, torch.where(keep, dex, 0.0)
@@ -541,21 +596,35 @@ def match(
                 if n not in known:
                     raise InputError(f"{features}: has no image {n!r} named in the pairs")
         settings = {"ratio": ratio, "mutual": mutual}
-        attrs = {"features": features.name, "method": reader.attrs.get("method", ""),
-                 "settings": settings_json(settings)}
+        attrs = {
+            "features": features.name,
+            "method": reader.attrs.get("method", ""),
+            "settings": settings_json(settings),
+        }
         result = MatchResult(out, None)
         cache = _FeatureCache(reader, device)
-        with session(device) as d, Writer(out, "matches", attrs,
-                                           must_match=("method", "settings"),
-                                           overwrite=overwrite,
-                                           shard=Shard(d.rank, d.world_size, d.barrier)) as writer:
-            pending = [(a, b) for a, b in pairs
-                       if pair_key(a, b) not in writer.done and pair_key(b, a) not in writer.done]
+        with (
+            session(device) as d,
+            Writer(
+                out,
+                "matches",
+                attrs,
+                must_match=("method", "settings"),
+                overwrite=overwrite,
+                shard=Shard(d.rank, d.world_size, d.barrier),
+            ) as writer,
+        ):
+            pending = [
+                (a, b)
+                for a, b in pairs
+                if pair_key(a, b) not in writer.done and pair_key(b, a) not in writer.done
+            ]
             result.skipped = len(pairs) - len(pending)
             todo = d.shard(pending)
             if d.active:
-                log.info("rank %d of %d: %d of %d pairs", d.rank, d.world_size, len(todo),
-                         len(pending))
+                log.info(
+                    "rank %d of %d: %d of %d pairs", d.rank, d.world_size, len(todo), len(pending)
+                )
             for i, (a, b) in enumerate(todo):
                 key = pair_key(a, b)
                 m, s = match_descriptors(cache.get(a), cache.get(b), ratio, mutual)

@@ -16,8 +16,11 @@ def sequential(names: list[str], k: int) -> list[tuple[str, str]]:
     """Each image with its next ``k`` neighbours in name order (video, ordered captures)."""
     if k < 1:
         raise InputError(f"sequential:{k}: the window must be at least 1")
-    return [(names[i], names[j]) for i in range(len(names))
-            for j in range(i + 1, min(len(names), i + 1 + k))]
+    return [
+        (names[i], names[j])
+        for i in range(len(names))
+        for j in range(i + 1, min(len(names), i + 1 + k))
+    ]
 
 
 def _split_pair(line: str, known: set[str] | None) -> tuple[str, str] | None:
@@ -61,8 +64,10 @@ def read_pairs(path: str | Path, known: set[str] | None = None) -> list[tuple[st
         a, b = pair
         unknown = [n for n in (a, b) if known is not None and n not in known]
         if unknown and "\t" not in line and len(line.split()) > 2:
-            raise InputError(f"{path}:{i}: {line.strip()!r} is not two image names of the "
-                             "features file (separate names with spaces by a tab)")
+            raise InputError(
+                f"{path}:{i}: {line.strip()!r} is not two image names of the "
+                "features file (separate names with spaces by a tab)"
+            )
         if unknown:
             raise InputError(f"{path}:{i}: image {unknown[0]!r} is not in the features file")
         if a == b:
@@ -98,8 +103,9 @@ def write_pairs(path: str | Path, pairs: list[tuple[str, str]]) -> Path:
     return path
 
 
-def unique_pairs(pairs: list[tuple[str, str]], order: list[str] | None = None
-                 ) -> list[tuple[str, str]]:
+def unique_pairs(
+    pairs: list[tuple[str, str]], order: list[str] | None = None
+) -> list[tuple[str, str]]:
     """Drop self pairs and repeats in either order; with ``order`` (image names), each pair
     is written in that order and the list sorted by it."""
     if order is None:
@@ -115,8 +121,13 @@ def unique_pairs(pairs: list[tuple[str, str]], order: list[str] | None = None
     return [(order[i], order[j]) for i, j in sorted(idx)]
 
 
-def retrieval(features: str | Path, k: int, names: list[str] | None = None,
-              words: int | None = None, seed: int = 0) -> list[tuple[str, str]]:
+def retrieval(
+    features: str | Path,
+    k: int,
+    names: list[str] | None = None,
+    words: int | None = None,
+    seed: int = 0,
+) -> list[tuple[str, str]]:
     """Each image with its ``k`` most similar others by VLAD similarity of its local
     descriptors in ``features`` (see descmatch.retrieval); deduplicated, no self pairs."""
     from .retrieval import DEFAULT_WORDS, global_descriptors, nearest
@@ -125,13 +136,14 @@ def retrieval(features: str | Path, k: int, names: list[str] | None = None,
         raise InputError(f"retrieval:{k}: the number of neighbours must be at least 1")
     g = global_descriptors(features, names, words or DEFAULT_WORDS, seed=seed)
     near = nearest(g.similarity(), k)
-    return unique_pairs([(g.names[i], g.names[j]) for i, row in enumerate(near) for j in row],
-                        g.names)
+    return unique_pairs(
+        [(g.names[i], g.names[j]) for i, row in enumerate(near) for j in row], g.names
+    )
 
 
-def sequential_with_loops(names: list[str], k: int, loop_closure: int,
-                          features: str | Path | None = None, seed: int = 0
-                          ) -> list[tuple[str, str]]:
+def sequential_with_loops(
+    names: list[str], k: int, loop_closure: int, features: str | Path | None = None, seed: int = 0
+) -> list[tuple[str, str]]:
     """``sequential(names, k)`` plus, per image, its ``loop_closure`` most similar images
     outside its sequential window (retrieval on ``features``): loops back to places seen
     before in a video or an ordered capture."""
@@ -153,8 +165,9 @@ def sequential_with_loops(names: list[str], k: int, loop_closure: int,
     return unique_pairs(pairs + extra, names)
 
 
-def pairs_for(spec: str, names: list[str], features: str | Path | None = None,
-              seed: int = 0) -> list[tuple[str, str]]:
+def pairs_for(
+    spec: str, names: list[str], features: str | Path | None = None, seed: int = 0
+) -> list[tuple[str, str]]:
     """``pairs_from_spec`` plus ``retrieval:K`` (and ``sequential:K+loops:N``) on the
     descriptors of ``features``."""
     if spec.startswith("retrieval"):
@@ -177,8 +190,7 @@ def pairs_for(spec: str, names: list[str], features: str | Path | None = None,
     return pairs_from_spec(spec, names)
 
 
-def write_pairs_commented(path: str | Path, pairs: list[tuple[str, str]], comment: str
-                          ) -> Path:
+def write_pairs_commented(path: str | Path, pairs: list[tuple[str, str]], comment: str) -> Path:
     """``write_pairs`` with a first ``# comment`` line (readers skip it): records how the
     pairs were made, so a pipeline can tell whether they are still the ones it wants."""
     path = Path(path)

@@ -60,8 +60,11 @@ def build_pyramid(image: torch.Tensor, min_side: int = 16) -> list[torch.Tensor]
     levels = [image[None, None]]
     if min(image.shape[-2:]) // 2 < min_side:
         return levels
-    if (image.device.type == "cpu" and image.dtype in (torch.float32, torch.float64)
-            and not (image.requires_grad and torch.is_grad_enabled())):
+    if (
+        image.device.type == "cpu"
+        and image.dtype in (torch.float32, torch.float64)
+        and not (image.requires_grad and torch.is_grad_enabled())
+    ):
         a = np.ascontiguousarray(image.detach().numpy())
         while min(a.shape) // 2 >= min_side:
             a = cv2.pyrDown(a)
@@ -72,8 +75,9 @@ def build_pyramid(image: torch.Tensor, min_side: int = 16) -> list[torch.Tensor]
     return levels
 
 
-def _atlas_layout(shapes: list[tuple[int, int]], pad: int
-                  ) -> tuple[int, int, list[tuple[int, int]]]:
+def _atlas_layout(
+    shapes: list[tuple[int, int]], pad: int
+) -> tuple[int, int, list[tuple[int, int]]]:
     """Where each level goes in the atlas: level 0 on the left, the others stacked in a column
     on its right, each with a ``pad``-pixel margin. -> (height, width, [(top, left)] of each
     level's pixel (0, 0))."""
@@ -94,16 +98,17 @@ def _fill_atlas(atlas: Any, levels: list[Any], origins: list[tuple[int, int]], p
     padding). Works on numpy arrays and on tensors alike."""
     for lv, (y, x) in zip(levels, origins, strict=True):
         h, w = lv.shape
-        blk = atlas[y - pad: y + h + pad, x - pad: x + w + pad]
-        blk[pad: pad + h, pad: pad + w] = lv
-        blk[pad: pad + h, :pad] = lv[:, :1]
-        blk[pad: pad + h, pad + w:] = lv[:, w - 1:]
-        blk[:pad] = blk[pad: pad + 1]
-        blk[pad + h:] = blk[pad + h - 1: pad + h]
+        blk = atlas[y - pad : y + h + pad, x - pad : x + w + pad]
+        blk[pad : pad + h, pad : pad + w] = lv
+        blk[pad : pad + h, :pad] = lv[:, :1]
+        blk[pad : pad + h, pad + w :] = lv[:, w - 1 :]
+        blk[:pad] = blk[pad : pad + 1]
+        blk[pad + h :] = blk[pad + h - 1 : pad + h]
 
 
-def _atlas(levels: list[torch.Tensor], pad: int, use_numpy: bool
-           ) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+def _atlas(
+    levels: list[torch.Tensor], pad: int, use_numpy: bool
+) -> tuple[torch.Tensor, list[tuple[int, int]]]:
     """All pyramid levels in one (H,W) float32 image (see :func:`_fill_atlas`) -> (atlas,
     [(top, left)] of each level). ``use_numpy`` (CPU, no autograd): plain numpy copies."""
     planes = [lv.reshape(lv.shape[-2:]) for lv in levels]
@@ -130,8 +135,9 @@ def _remap_is_exact() -> bool:
     x0, y0 = np.floor(p[..., 0]).astype(int), np.floor(p[..., 1]).astype(int)
     fx, fy = p[..., 0] - x0, p[..., 1] - y0
     s = src.astype(np.float64)
-    ref = ((1 - fy) * ((1 - fx) * s[y0, x0] + fx * s[y0, x0 + 1])
-           + fy * ((1 - fx) * s[y0 + 1, x0] + fx * s[y0 + 1, x0 + 1]))
+    ref = (1 - fy) * ((1 - fx) * s[y0, x0] + fx * s[y0, x0 + 1]) + fy * (
+        (1 - fx) * s[y0 + 1, x0] + fx * s[y0 + 1, x0 + 1]
+    )
     return bool(np.abs(got - ref).max() < 1e-5)
 
 
@@ -166,8 +172,11 @@ def extract_patches(
     if n == 0:
         return torch.zeros((0, 1, patch_size, patch_size), device=device)
     size_t = torch.as_tensor(size, dtype=torch.float32, device=device).reshape(n)
-    ang_t = (torch.zeros(n, device=device) if angle is None else
-             torch.as_tensor(angle, dtype=torch.float32, device=device).reshape(n))
+    ang_t = (
+        torch.zeros(n, device=device)
+        if angle is None
+        else torch.as_tensor(angle, dtype=torch.float32, device=device).reshape(n)
+    )
     levels = pyramid if pyramid is not None else build_pyramid(img)
 
     window = size_t * (mr_size * window_factor)  # side in level-0 pixels
@@ -179,7 +188,8 @@ def extract_patches(
     # sampling call serves all levels. On the CPU (no autograd) the sampling is cv2.remap,
     # where it interpolates exactly (faster than grid_sample); else grid_sample.
     grad = torch.is_grad_enabled() and any(
-        t.requires_grad for t in (img, xy_t, size_t, ang_t, *levels))
+        t.requires_grad for t in (img, xy_t, size_t, ang_t, *levels)
+    )
     cpu = device.type == "cpu" and not grad
     pad = patch_size + 2
     atlas, origins = _atlas(levels, pad, use_numpy=cpu)
@@ -188,8 +198,10 @@ def extract_patches(
 
     # (Small ops: index_select and polar run serially at this size, indexing and cos/sin in
     # threads, which costs more than it saves when the cores are busy.)
-    table = torch.tensor([[lv.shape[-1], lv.shape[-2], x, y] for lv, (y, x) in
-                          zip(levels, origins, strict=True)], dtype=torch.float32)
+    table = torch.tensor(
+        [[lv.shape[-1], lv.shape[-2], x, y] for lv, (y, x) in zip(levels, origins, strict=True)],
+        dtype=torch.float32,
+    )
     table = table.to(device).index_select(0, level)
     lvl_wh, lvl_org = table[:, :2], table[:, 2:]  # (N,2) level size and origin, (x, y)
     inv = torch.exp2(-level.to(torch.float32))  # level pixels per level-0 pixel
@@ -218,13 +230,16 @@ def extract_patches(
     ab = axes * kn[:, None, :]
     c0 = torch.zeros_like(ab)
     c0[:, 0] = (centre + lvl_org) * norm + shift
-    uv = torch.addcmul(torch.view_as_complex(c0)[:, :, None],
-                       torch.view_as_complex(ab)[:, :, None], r.to(torch.complex64))  # (N,2,P)
+    uv = torch.addcmul(
+        torch.view_as_complex(c0)[:, :, None],
+        torch.view_as_complex(ab)[:, :, None],
+        r.to(torch.complex64),
+    )  # (N,2,P)
     u, v = uv[:, 0, None, :], uv[:, 1, :, None]  # (N,1,P), (N,P,1)
     # Patches reaching past the margin (keypoint off the image, or a window too large for
     # the top level) get their samples clamped to the level, as "border" padding does (NaN
     # positions too: a sample stays finite).
-    half = (k[:, None] * (0.5 * (patch_size - 1) / patch_size) * axes.abs().sum(1))
+    half = k[:, None] * (0.5 * (patch_size - 1) / patch_size) * axes.abs().sum(1)
     outside = ~((centre - half >= 1 - pad) & (centre + half <= lvl_wh + (pad - 2))).all(1)
     any_outside = bool(outside.any())
     gmin = (lvl_org - 0.5) * norm + shift  # level pixels -0.5 and size - 0.5
@@ -233,8 +248,13 @@ def extract_patches(
     # On the CPU the grid is built and sampled a few MB at a time: it stays in cache and its
     # memory is reused (glibc maps and unmaps large blocks, each page faulting anew).
     chunk = max(1, _CPU_CHUNK_BYTES // (8 * patch_size**2)) if device.type == "cpu" else n
-    bufc = None if grad else torch.empty((min(n, chunk), patch_size, patch_size),
-                                         dtype=torch.complex64, device=device)
+    bufc = (
+        None
+        if grad
+        else torch.empty(
+            (min(n, chunk), patch_size, patch_size), dtype=torch.complex64, device=device
+        )
+    )
     if remap:
         atlas_np = atlas.numpy()
         out_np = np.empty((n, patch_size * patch_size), np.float32)
@@ -253,14 +273,26 @@ def extract_patches(
                 grid = grid.index_put((idx,), g)
         if remap:
             dst = out_np[s:e]
-            res = cv2.remap(atlas_np, grid.numpy().reshape(e - s, -1, 2), None,
-                            cv2.INTER_LINEAR, dst=dst, borderMode=cv2.BORDER_REPLICATE)
+            res = cv2.remap(
+                atlas_np,
+                grid.numpy().reshape(e - s, -1, 2),
+                None,
+                cv2.INTER_LINEAR,
+                dst=dst,
+                borderMode=cv2.BORDER_REPLICATE,
+            )
             if res is not dst:
                 dst[...] = res
         else:
-            outs.append(F.grid_sample(atlas[None, None], grid.reshape(1, -1, patch_size, 2),
-                                      mode="bilinear", padding_mode="border",
-                                      align_corners=False))
+            outs.append(
+                F.grid_sample(
+                    atlas[None, None],
+                    grid.reshape(1, -1, patch_size, 2),
+                    mode="bilinear",
+                    padding_mode="border",
+                    align_corners=False,
+                )
+            )
     if remap:
         return torch.from_numpy(out_np).view(n, 1, patch_size, patch_size)
     out = outs[0] if len(outs) == 1 else torch.cat(outs, 2)

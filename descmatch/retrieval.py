@@ -44,17 +44,19 @@ class Codebook:
 
 def _sq_dists(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     """Squared L2 distances. Shape: (N,D), (K,D) -> (N,K)."""
-    return (torch.addmm((x * x).sum(1, keepdim=True) + (c * c).sum(1)[None], x, c.t(),
-                        alpha=-2.0)).clamp_min_(0)
+    return (
+        torch.addmm((x * x).sum(1, keepdim=True) + (c * c).sum(1)[None], x, c.t(), alpha=-2.0)
+    ).clamp_min_(0)
 
 
 def _assign(x: torch.Tensor, c: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
-    return torch.cat([_sq_dists(x[s:s + chunk], c).argmin(1) for s in range(0, len(x), chunk)])
+    return torch.cat([_sq_dists(x[s : s + chunk], c).argmin(1) for s in range(0, len(x), chunk)])
 
 
 @torch.inference_mode()
-def train_codebook(descriptors: torch.Tensor, k: int = DEFAULT_WORDS, iters: int = DEFAULT_ITERS,
-                   seed: int = 0) -> Codebook:
+def train_codebook(
+    descriptors: torch.Tensor, k: int = DEFAULT_WORDS, iters: int = DEFAULT_ITERS, seed: int = 0
+) -> Codebook:
     """Lloyd's k-means with k-means++ seeding; empty clusters are re-seeded with the points
     farthest from their centre. ``k`` is capped at the number of distinct points.
 
@@ -77,7 +79,7 @@ def train_codebook(descriptors: torch.Tensor, k: int = DEFAULT_WORDS, iters: int
             break
         j = torch.multinomial(d2 / total, 1, generator=g)
         centres[i] = x[j]
-        d2 = torch.minimum(d2, _sq_dists(x, centres[i:i + 1])[:, 0])
+        d2 = torch.minimum(d2, _sq_dists(x, centres[i : i + 1])[:, 0])
     for _ in range(iters):
         a = _assign(x, centres)
         counts = torch.bincount(a, minlength=k)
@@ -116,8 +118,10 @@ def vlad(descriptors: torch.Tensor, codebook: Codebook) -> torch.Tensor:
 def _descriptors(reader: Reader, name: str) -> torch.Tensor:
     g = reader.read(name)
     if "descriptors" not in g:
-        raise InputError(f"{reader.path}: image {name} has no descriptors (made by detect); "
-                         "run descmatch extract")
+        raise InputError(
+            f"{reader.path}: image {name} has no descriptors (made by detect); "
+            "run descmatch extract"
+        )
     return torch.from_numpy(np.ascontiguousarray(g["descriptors"].T)).float()  # (N,D)
 
 
@@ -136,18 +140,24 @@ class GlobalDescriptors:
         return s
 
 
-def global_descriptors(features: str | Path, names: list[str] | None = None,
-                       words: int = DEFAULT_WORDS, sample: int = DEFAULT_SAMPLE,
-                       iters: int = DEFAULT_ITERS, seed: int = 0,
-                       progress: Callable[[int, int, str], None] | None = None,
-                       ) -> GlobalDescriptors:
+def global_descriptors(
+    features: str | Path,
+    names: list[str] | None = None,
+    words: int = DEFAULT_WORDS,
+    sample: int = DEFAULT_SAMPLE,
+    iters: int = DEFAULT_ITERS,
+    seed: int = 0,
+    progress: Callable[[int, int, str], None] | None = None,
+) -> GlobalDescriptors:
     """VLAD descriptors of the images of a features file (all of them, or ``names``), over a
     codebook of ``words`` words learned from at most ``sample`` of their local descriptors."""
     features = Path(features)
     with Reader(features, "features") as reader:
         if int(reader.attrs.get("descriptor_dim", 0)) <= 0:
-            raise InputError(f"{features}: holds keypoints only (made by detect); retrieval "
-                             "needs descriptors: run descmatch extract")
+            raise InputError(
+                f"{features}: holds keypoints only (made by detect); retrieval "
+                "needs descriptors: run descmatch extract"
+            )
         known = set(reader.keys)
         names = sorted(known) if names is None else list(names)
         missing = [n for n in names if n not in known]
@@ -170,8 +180,12 @@ def global_descriptors(features: str | Path, names: list[str] | None = None,
             if progress:
                 progress(i + 1, 2 * len(names), n)
         codebook = train_codebook(torch.cat(picked), words, iters, seed)
-        log.debug("retrieval codebook: %d words from %d of %d descriptors", codebook.size,
-                  sum(len(p) for p in picked), total)
+        log.debug(
+            "retrieval codebook: %d words from %d of %d descriptors",
+            codebook.size,
+            sum(len(p) for p in picked),
+            total,
+        )
         del picked
         vectors = []
         for i, n in enumerate(names):
@@ -181,8 +195,9 @@ def global_descriptors(features: str | Path, names: list[str] | None = None,
     return GlobalDescriptors(names, torch.stack(vectors), codebook)
 
 
-def nearest(similarity: torch.Tensor, k: int, exclude: torch.Tensor | None = None
-            ) -> list[list[int]]:
+def nearest(
+    similarity: torch.Tensor, k: int, exclude: torch.Tensor | None = None
+) -> list[list[int]]:
     """Indices of the ``k`` most similar other images of each image, best first
     (``exclude``: a boolean (N,N) mask of candidates to skip). Shape: (N,N) -> N lists."""
     s = similarity.clone()
@@ -194,8 +209,10 @@ def nearest(similarity: torch.Tensor, k: int, exclude: torch.Tensor | None = Non
     if k == 0:
         return [[] for _ in range(n)]
     vals, idx = torch.topk(s, k, dim=1)
-    return [[int(j) for j, v in zip(row_i, row_v, strict=True) if v > float("-inf")]
-            for row_i, row_v in zip(idx.tolist(), vals.tolist(), strict=True)]
+    return [
+        [int(j) for j, v in zip(row_i, row_v, strict=True) if v > float("-inf")]
+        for row_i, row_v in zip(idx.tolist(), vals.tolist(), strict=True)
+    ]
 
 
 def _listing(names: list[str], limit: int = 5) -> str:

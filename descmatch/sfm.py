@@ -100,8 +100,9 @@ def _verified_pairs(database: Path) -> int:
     through COLMAP updates it)."""
     con = sqlite3.connect(f"{database.resolve().as_uri()}?mode=ro", uri=True)
     try:
-        return int(con.execute("SELECT COUNT(*) FROM two_view_geometries WHERE rows > 0")
-                   .fetchone()[0])
+        return int(
+            con.execute("SELECT COUNT(*) FROM two_view_geometries WHERE rows > 0").fetchone()[0]
+        )
     except sqlite3.Error:
         return 0
     finally:
@@ -136,14 +137,22 @@ def run_sfm(
     cfg = config or SfmConfig()
     pycolmap = require_pycolmap()
     with colmap_logging(pycolmap, cfg.colmap_log):
-        return _run(pycolmap, images, out_dir, detector, describer, cfg, cameras, progress,
-                    on_stage)
+        return _run(
+            pycolmap, images, out_dir, detector, describer, cfg, cameras, progress, on_stage
+        )
 
 
-def _run(pycolmap: Any, images: ImageList, out_dir: str | Path, detector: Any, describer: Any,
-         cfg: SfmConfig, cameras: str | Path | None,
-         progress: Callable[[str, int, int, str], None] | None,
-         on_stage: Callable[[Stage], None] | None) -> SfmResult:
+def _run(
+    pycolmap: Any,
+    images: ImageList,
+    out_dir: str | Path,
+    detector: Any,
+    describer: Any,
+    cfg: SfmConfig,
+    cameras: str | Path | None,
+    progress: Callable[[str, int, int, str], None] | None,
+    on_stage: Callable[[Stage], None] | None,
+) -> SfmResult:
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"{out_dir}: is a file, not a folder")
@@ -167,8 +176,9 @@ def _run(pycolmap: Any, images: ImageList, out_dir: str | Path, detector: Any, d
 
     # -- extract ---------------------------------------------------------------------------
     t = time.perf_counter()
-    ex = extract(images, feats, describer, detector, cfg.max_side, cfg.overwrite,
-                 progress=prog("extract"))
+    ex = extract(
+        images, feats, describer, detector, cfg.max_side, cfg.overwrite, progress=prog("extract")
+    )
     with Reader(feats, "features") as r:
         have = set(r.keys)
     names = [n for n in images.names if n in have]
@@ -177,11 +187,18 @@ def _run(pycolmap: Any, images: ImageList, out_dir: str | Path, detector: Any, d
     note = f"{ex.images} image(s) extracted, {ex.keypoints_per_image:,.0f} keypoints/image"
     if ex.failed:
         note += f", {len(ex.failed)} unreadable: " + ", ".join(n for n, _ in ex.failed[:5])
-    done(Stage("extract", time.perf_counter() - t, not dirty,
-               note if dirty else f"{len(names)} image(s) already extracted"))
+    done(
+        Stage(
+            "extract",
+            time.perf_counter() - t,
+            not dirty,
+            note if dirty else f"{len(names)} image(s) already extracted",
+        )
+    )
     if len(names) < 2:
-        raise ReconstructionError(f"{images.root}: {len(names)} readable image(s); structure "
-                                  "from motion needs at least 2")
+        raise ReconstructionError(
+            f"{images.root}: {len(names)} readable image(s); structure from motion needs at least 2"
+        )
 
     # -- pairs -----------------------------------------------------------------------------
     t = time.perf_counter()
@@ -192,15 +209,16 @@ def _run(pycolmap: Any, images: ImageList, out_dir: str | Path, detector: Any, d
             old = read_pairs(pairs_path, set(names))
         except InputError:  # names images that are gone: made again below
             old = None
-    if (old is not None and not cfg.overwrite and pairs_comment(pairs_path) == comment):
+    if old is not None and not cfg.overwrite and pairs_comment(pairs_path) == comment:
         pair_list = old
         done(Stage("pairs", time.perf_counter() - t, True, f"{len(pair_list)} pairs kept"))
     else:
         pair_list = pairs_for(cfg.pairs, names, feats, cfg.seed)
         write_pairs_commented(pairs_path, pair_list, comment)
         dirty = dirty or pair_list != old
-        done(Stage("pairs", time.perf_counter() - t, False,
-                   f"{len(pair_list)} pairs ({cfg.pairs})"))
+        done(
+            Stage("pairs", time.perf_counter() - t, False, f"{len(pair_list)} pairs ({cfg.pairs})")
+        )
 
     # -- match -----------------------------------------------------------------------------
     t = time.perf_counter()
@@ -208,18 +226,35 @@ def _run(pycolmap: Any, images: ImageList, out_dir: str | Path, detector: Any, d
     if matches_path.is_file() and not cfg.overwrite:
         with Reader(matches_path, "matches") as r:
             keys = set(r.keys)
-        todo = sum(1 for a, b in pair_list if pair_key(a, b) not in keys
-                   and pair_key(b, a) not in keys)
+        todo = sum(
+            1 for a, b in pair_list if pair_key(a, b) not in keys and pair_key(b, a) not in keys
+        )
     if todo == 0:
-        done(Stage("match", time.perf_counter() - t, True,
-                   f"{len(pair_list)} pairs already matched"))
+        done(
+            Stage("match", time.perf_counter() - t, True, f"{len(pair_list)} pairs already matched")
+        )
     else:
-        mres = match(feats, pair_list, matches_path, cfg.ratio, cfg.mutual, cfg.device,
-                     cfg.overwrite, out_dir / "matches-pairs.txt", progress=prog("match"))
+        mres = match(
+            feats,
+            pair_list,
+            matches_path,
+            cfg.ratio,
+            cfg.mutual,
+            cfg.device,
+            cfg.overwrite,
+            out_dir / "matches-pairs.txt",
+            progress=prog("match"),
+        )
         dirty = True
         mean = mres.matches_total / mres.matched if mres.matched else 0.0
-        done(Stage("match", time.perf_counter() - t, False,
-                   f"{mres.matched} pair(s) matched, {mean:,.0f} matches/pair"))
+        done(
+            Stage(
+                "match",
+                time.perf_counter() - t,
+                False,
+                f"{mres.matched} pair(s) matched, {mean:,.0f} matches/pair",
+            )
+        )
 
     # -- export ----------------------------------------------------------------------------
     t = time.perf_counter()
@@ -231,19 +266,38 @@ def _run(pycolmap: Any, images: ImageList, out_dir: str | Path, detector: Any, d
         same = False
     if database.is_file() and same and not dirty and not cfg.overwrite:
         verified = _verified_pairs(database)
-        done(Stage("export", time.perf_counter() - t, True,
-                   f"database kept, {verified} verified pairs"))
+        done(
+            Stage(
+                "export", time.perf_counter() - t, True, f"database kept, {verified} verified pairs"
+            )
+        )
     else:
         xres: ColmapExportResult = export_colmap(
-            feats, matches_path, ImageList(images.root, names), database, cfg.camera_mode,
-            verify=cfg.verify, overwrite=True, num_threads=cfg.num_threads, seed=cfg.seed,
-            pairs=pair_list, progress=prog("export"), colmap_log=cfg.colmap_log)
+            feats,
+            matches_path,
+            ImageList(images.root, names),
+            database,
+            cfg.camera_mode,
+            verify=cfg.verify,
+            overwrite=True,
+            num_threads=cfg.num_threads,
+            seed=cfg.seed,
+            pairs=pair_list,
+            progress=prog("export"),
+            colmap_log=cfg.colmap_log,
+        )
         settings_file.write_text(json.dumps(settings) + "\n")
         dirty = True
         verified = xres.verified_pairs
-        done(Stage("export", time.perf_counter() - t, False,
-                   f"{xres.cameras} camera(s), {xres.pairs} pairs, {xres.verified_pairs} "
-                   f"verified ({xres.inlier_matches:,} inlier matches)"))
+        done(
+            Stage(
+                "export",
+                time.perf_counter() - t,
+                False,
+                f"{xres.cameras} camera(s), {xres.pairs} pairs, {xres.verified_pairs} "
+                f"verified ({xres.inlier_matches:,} inlier matches)",
+            )
+        )
 
     # -- mapping ---------------------------------------------------------------------------
     t = time.perf_counter()
@@ -260,10 +314,17 @@ def _run(pycolmap: Any, images: ImageList, out_dir: str | Path, detector: Any, d
                 f"{out_dir}: no model could be registered from {len(names)} images "
                 f"({verified} image pairs passed geometric verification, {len(pair_list)} "
                 "matched); the images may not overlap, or need more keypoints or more pairs; "
-                "features, matches and database are kept")
+                "features, matches and database are kept"
+            )
         result.models = len(recs)
-        done(Stage("mapping", time.perf_counter() - t, False,
-                   f"{len(recs)} model(s), largest {recs[0].num_reg_images()} images"))
+        done(
+            Stage(
+                "mapping",
+                time.perf_counter() - t,
+                False,
+                f"{len(recs)} model(s), largest {recs[0].num_reg_images()} images",
+            )
+        )
 
     rec = recs[0]
     result.model_path = model0
@@ -272,15 +333,17 @@ def _run(pycolmap: Any, images: ImageList, out_dir: str | Path, detector: Any, d
     result.unregistered = [n for n in names if n not in reg_names]
     result.points3d = rec.num_points3D()
     result.mean_track_length = float(rec.compute_mean_track_length()) if result.points3d else 0.0
-    result.mean_reprojection_error = (float(rec.compute_mean_reprojection_error())
-                                      if result.points3d else 0.0)
+    result.mean_reprojection_error = (
+        float(rec.compute_mean_reprojection_error()) if result.points3d else 0.0
+    )
     if cameras is not None:
         result.pose_errors = _pose_errors(rec, cameras)
     return result
 
 
-def _map(pycolmap: Any, database: Path, image_root: Path, sparse: Path, cfg: SfmConfig,
-         num_images: int) -> list[Any]:
+def _map(
+    pycolmap: Any, database: Path, image_root: Path, sparse: Path, cfg: SfmConfig, num_images: int
+) -> list[Any]:
     """Incremental mapping into ``sparse/0..``, the model with the most images first."""
     if sparse.exists():
         shutil.rmtree(sparse)

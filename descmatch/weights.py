@@ -65,7 +65,8 @@ def resolve(method: str, weights: str | Path | None = None) -> Path:
     if not p.is_file():
         raise WeightsError(
             f"{method}: no trained weights ship with this install ({p}); train them with "
-            f"`descmatch train --method {method}` or pass --weights PATH")
+            f"`descmatch train --method {method}` or pass --weights PATH"
+        )
     return p
 
 
@@ -136,19 +137,32 @@ def list_weights() -> list[WeightsInfo]:
     for p in sorted(weights_dir().glob("*.pt")):
         ckpt = _load(p)
         meta = ckpt.get("meta", {}) if isinstance(ckpt, dict) else {}
-        out.append(WeightsInfo(
-            name=p.stem, net=str(ckpt.get("method", "?")) if isinstance(ckpt, dict) else "?",
-            data=str(meta.get("data", "?")), sha256=sha256(p),
-            metric=str(meta.get("headline", "")), path=p))
+        out.append(
+            WeightsInfo(
+                name=p.stem,
+                net=str(ckpt.get("method", "?")) if isinstance(ckpt, dict) else "?",
+                data=str(meta.get("data", "?")),
+                sha256=sha256(p),
+                metric=str(meta.get("headline", "")),
+                path=p,
+            )
+        )
     return out
 
 
-def save_checkpoint(path: str | Path, net: DescriptorNet, meta: dict[str, Any],
-                    **extra: Any) -> Path:
+def save_checkpoint(
+    path: str | Path, net: DescriptorNet, meta: dict[str, Any], **extra: Any
+) -> Path:
     """Write a checkpoint that alone rebuilds its net (atomically)."""
     path = Path(path)
-    obj = {"format": "descmatch", "method": net.name, "conf": dict(net.conf),
-           "state_dict": net.state_dict(), "meta": meta, **extra}
+    obj = {
+        "format": "descmatch",
+        "method": net.name,
+        "conf": dict(net.conf),
+        "state_dict": net.state_dict(),
+        "meta": meta,
+        **extra,
+    }
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)

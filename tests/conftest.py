@@ -35,8 +35,7 @@ SMALL_KEYPOINTS = 200
 
 
 @pytest.fixture(autouse=True)
-def no_weights(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
-               ) -> Path:
+def no_weights(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Independence from the weights that ship, for every test: DESCMATCH_WEIGHTS points to
     an empty folder, so ``auto`` is RootSIFT and every learned net is "without weights"
     (subprocesses inherit it). tests/test_shipped_weights.py lifts it. Returns that folder."""
@@ -66,8 +65,12 @@ def example_copy(example_dir: Path, tmp_path: Path) -> Path:
 def example_features(example_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """RootSIFT features of the example views, 1000 keypoints each (read-only)."""
     out = tmp_path_factory.mktemp("example-features") / "features.h5"
-    res = extract(list_images(example_dir), out, build_describer("rootsift"),
-                  SiftDetector(max_keypoints=EXAMPLE_KEYPOINTS))
+    res = extract(
+        list_images(example_dir),
+        out,
+        build_describer("rootsift"),
+        SiftDetector(max_keypoints=EXAMPLE_KEYPOINTS),
+    )
     assert res.images == 3 and not res.failed
     return out
 
@@ -100,8 +103,14 @@ def scene() -> np.ndarray:
     return render_scene(320, 240, seed=1)
 
 
-def write_scenes(folder: Path, n: int, width: int = 200, height: int = 150,
-                 ext: str = ".png", first_seed: int = 10) -> list[Path]:
+def write_scenes(
+    folder: Path,
+    n: int,
+    width: int = 200,
+    height: int = 150,
+    ext: str = ".png",
+    first_seed: int = 10,
+) -> list[Path]:
     """Write ``n`` different small scenes as ``img{i}{ext}`` into ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -127,24 +136,34 @@ def png_bytes(arr: np.ndarray, color_type: int, bit_depth: int = 8) -> bytes:
     """
     h, w = arr.shape[:2]
     dtype = ">u2" if bit_depth == 16 else "u1"
-    raw = b"".join(b"\0" + np.ascontiguousarray(arr[y]).astype(dtype).tobytes()
-                   for y in range(h))
+    raw = b"".join(b"\0" + np.ascontiguousarray(arr[y]).astype(dtype).tobytes() for y in range(h))
 
     def chunk(kind: bytes, data: bytes) -> bytes:
         crc = zlib.crc32(kind + data) & 0xFFFFFFFF
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
 
     ihdr = struct.pack(">IIBBBBB", w, h, bit_depth, color_type, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw))
-            + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(raw))
+        + chunk(b"IEND", b"")
+    )
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None,
-            timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
     """``python -m descmatch ARGS`` in a subprocess (the real entry point and exit codes)."""
     full_env = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, "-m", "descmatch", *args], capture_output=True,
-                          text=True, env=full_env, cwd=cwd, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "descmatch", *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        cwd=cwd,
+        timeout=timeout,
+    )
 
 
 @pytest.fixture(autouse=True)
@@ -164,10 +183,12 @@ MainResult = tuple[int, str, str]
 
 
 @pytest.fixture
-def call_main(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-              ) -> Callable[..., MainResult]:
+def call_main(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> Callable[..., MainResult]:
     """Run ``descmatch.cli.main()`` (the console entry point, with its error -> exit code
     mapping) in-process: returns (exit code, stdout, stderr)."""
+
     def call(*args: str) -> MainResult:
         monkeypatch.setattr(sys, "argv", ["descmatch", *args])
         capsys.readouterr()
@@ -178,6 +199,7 @@ def call_main(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str
             code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
         captured = capsys.readouterr()
         return code, captured.out, captured.err
+
     return call
 
 

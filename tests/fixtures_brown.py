@@ -70,9 +70,7 @@ def brown_fixture_patches(
     return patches, point_ids
 
 
-def brown_fixture_pairs(
-    point_ids: np.ndarray, seed: int = 0
-) -> tuple[np.ndarray, np.ndarray]:
+def brown_fixture_pairs(point_ids: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """A balanced, shuffled set of pairs: every same-point pair, and as many random
     different-point pairs. Shape: -> idx (L, 2) int64, is_match (L,) bool."""
     rng = np.random.default_rng(seed + 1)
@@ -91,20 +89,14 @@ def brown_fixture_pairs(
     return idx[order], is_match[order]
 
 
-def write_pairs_file(
-    path: Path, idx: np.ndarray, point_ids: np.ndarray
-) -> Path:
+def write_pairs_file(path: Path, idx: np.ndarray, point_ids: np.ndarray) -> Path:
     """Write pairs as an m50 file: ``patchID1 pointID1 0 patchID2 pointID2 0 0`` per line."""
-    lines = [
-        f"{i} {point_ids[i]} 0 {j} {point_ids[j]} 0 0" for i, j in idx.tolist()
-    ]
+    lines = [f"{i} {point_ids[i]} 0 {j} {point_ids[j]} 0 0" for i, j in idx.tolist()]
     path.write_text("\n".join(lines) + "\n")
     return path
 
 
-def make_brown_fixture(
-    root: Path, n_points: int = 40, per_point: int = 3, seed: int = 0
-) -> Path:
+def make_brown_fixture(root: Path, n_points: int = 40, per_point: int = 3, seed: int = 0) -> Path:
     """Write a valid Brown-format dataset into ``root`` (created) and return ``root``.
 
     Writes info.txt, the bmp grids (the last one zero-filled past the last patch) and an

@@ -38,9 +38,13 @@ class Rig:
     target: tuple[float, float, float] = (0.0, 0.2, -0.7)
 
     def K(self) -> np.ndarray:
-        return np.array([[self.focal, 0, (self.width - 1) / 2 + self.pp_offset[0]],
-                         [0, self.focal * self.fy_ratio, (self.height - 1) / 2 + self.pp_offset[1]],
-                         [0, 0, 1]])
+        return np.array(
+            [
+                [self.focal, 0, (self.width - 1) / 2 + self.pp_offset[0]],
+                [0, self.focal * self.fy_ratio, (self.height - 1) / 2 + self.pp_offset[1]],
+                [0, 0, 1],
+            ]
+        )
 
 
 #: The structure-from-motion scenes: walls and floor, 400x300.
@@ -81,21 +85,44 @@ def render(cam: Camera, textures: list[np.ndarray], rig: Rig = SFM) -> np.ndarra
     for (origin, u, v), tex in zip(_planes(rig.tex, rig.floor), textures, strict=True):
         # Texture pixel (a, b) is the world point origin + a u + b v: H = K [R u, R v, R o + t].
         h = cam.K @ np.stack([cam.R @ u, cam.R @ v, cam.R @ origin + cam.t], 1)
-        warped = cv2.warpPerspective(tex, h, (cam.width, cam.height), flags=cv2.INTER_LINEAR,
-                                     borderMode=cv2.BORDER_CONSTANT, borderValue=0)
-        mask = cv2.warpPerspective(np.ones_like(tex), h, (cam.width, cam.height),
-                                   flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
+        warped = cv2.warpPerspective(
+            tex,
+            h,
+            (cam.width, cam.height),
+            flags=cv2.INTER_LINEAR,
+            borderMode=cv2.BORDER_CONSTANT,
+            borderValue=0,
+        )
+        mask = cv2.warpPerspective(
+            np.ones_like(tex),
+            h,
+            (cam.width, cam.height),
+            flags=cv2.INTER_LINEAR,
+            borderMode=cv2.BORDER_CONSTANT,
+        )
         img = img * (1 - mask) + warped
     return np.clip(img * 255 + 0.5, 0, 255).astype(np.uint8)
 
 
-def make_scene(folder: Path, num_views: int = 6, seed: int = 0, arc: float | None = None,
-               prefix: str = "v", rig: Rig = SFM) -> list[Camera]:
+def make_scene(
+    folder: Path,
+    num_views: int = 6,
+    seed: int = 0,
+    arc: float | None = None,
+    prefix: str = "v",
+    rig: Rig = SFM,
+) -> list[Camera]:
     """Render the corner into ``num_views`` cameras on the rig's arc (or +-``arc`` degrees)
     and write ``folder/images/`` and ``folder/cameras.txt``. Returns the cameras."""
     n_planes = 3 if rig.floor else 2
-    textures = [cv2.GaussianBlur(render_scene(rig.tex, rig.tex, seed=seed + i).astype(np.float32)
-                                 / 255.0, (0, 0), rig.blur) for i in range(n_planes)]
+    textures = [
+        cv2.GaussianBlur(
+            render_scene(rig.tex, rig.tex, seed=seed + i).astype(np.float32) / 255.0,
+            (0, 0),
+            rig.blur,
+        )
+        for i in range(n_planes)
+    ]
     k = rig.K()
     arc = rig.arc if arc is None else arc
     (folder / "images").mkdir(parents=True, exist_ok=True)
@@ -103,8 +130,9 @@ def make_scene(folder: Path, num_views: int = 6, seed: int = 0, arc: float | Non
     lines = ["# name width height fx fy cx cy r11 r12 r13 r21 r22 r23 r31 r32 r33 tx ty tz"]
     for i, az in enumerate(np.linspace(-arc, arc, num_views)):
         a = np.radians(az)
-        center = np.array([rig.radius * np.sin(a), rig.y0 + rig.y_jitter * (-1) ** i,
-                           -rig.radius * np.cos(a)])
+        center = np.array(
+            [rig.radius * np.sin(a), rig.y0 + rig.y_jitter * (-1) ** i, -rig.radius * np.cos(a)]
+        )
         r, t = look_at(center, np.array(rig.target))
         cam = Camera(f"{prefix}{i}.png", rig.width, rig.height, k, r, t)
         cv2.imwrite(str(folder / "images" / cam.name), render(cam, textures, rig))

@@ -62,9 +62,11 @@ def _db(path: Path) -> dict:
             "frames": db.read_all_frames(),
             "rigs": db.read_all_rigs(),
             "keypoints": {n: db.read_keypoints(im.image_id) for n, im in images.items()},
-            "descriptors": {n: db.read_descriptors(im.image_id).data
-                            for n, im in images.items()
-                            if db.exists_descriptors(im.image_id)},
+            "descriptors": {
+                n: db.read_descriptors(im.image_id).data
+                for n, im in images.items()
+                if db.exists_descriptors(im.image_id)
+            },
             "matches": db.read_all_matches(),
             "tvg": dict(zip(*db.read_two_view_geometries(), strict=True)),
         }
@@ -73,8 +75,7 @@ def _db(path: Path) -> dict:
 def test_database_round_trip(scene: tuple[Path, Path, Path], tmp_path: Path) -> None:
     imgs, feats, matches = scene
     db_path = tmp_path / "database.db"
-    res = export_colmap(feats, matches, list_images(imgs), db_path, descriptors=True,
-                        num_threads=1)
+    res = export_colmap(feats, matches, list_images(imgs), db_path, descriptors=True, num_threads=1)
     assert db_path.is_file() and not (tmp_path / "database.db.part").exists()
     n_pairs = VIEWS * (VIEWS - 1) // 2
     assert (res.images, res.cameras, res.pairs) == (VIEWS, 1, n_pairs)
@@ -110,20 +111,22 @@ def test_database_round_trip(scene: tuple[Path, Path, Path], tmp_path: Path) -> 
             pid = pycolmap.image_pair_to_pair_id(ids[a], ids[b])
             assert pid == pycolmap.image_pair_to_pair_id(ids[b], ids[a]) and pid in pair_ids
             tvg = db.read_two_view_geometry(ids[a], ids[b])
-            assert tvg.config in (pycolmap.TwoViewGeometryConfiguration.CALIBRATED,
-                                  pycolmap.TwoViewGeometryConfiguration.UNCALIBRATED)
+            assert tvg.config in (
+                pycolmap.TwoViewGeometryConfiguration.CALIBRATED,
+                pycolmap.TwoViewGeometryConfiguration.UNCALIBRATED,
+            )
             inl = tvg.inlier_matches
             assert 30 < len(inl) <= len(expect)
             # Inliers are a subset of the matches.
             assert {tuple(r) for r in inl} <= {tuple(r) for r in expect}
 
 
-def test_no_verify_and_per_image_cameras(scene: tuple[Path, Path, Path],
-                                         tmp_path: Path) -> None:
+def test_no_verify_and_per_image_cameras(scene: tuple[Path, Path, Path], tmp_path: Path) -> None:
     imgs, feats, matches = scene
     db_path = tmp_path / "nv.db"
-    res = export_colmap(feats, matches, list_images(imgs), db_path, camera_mode="per-image",
-                        verify=False)
+    res = export_colmap(
+        feats, matches, list_images(imgs), db_path, camera_mode="per-image", verify=False
+    )
     assert res.cameras == VIEWS and res.inlier_matches == res.matches
     d = _db(db_path)
     assert len(d["cameras"]) == VIEWS and len(d["rigs"]) == VIEWS
@@ -136,8 +139,9 @@ def test_no_verify_and_per_image_cameras(scene: tuple[Path, Path, Path],
     assert "descriptors" not in d or not d["descriptors"]
 
 
-def test_export_command_and_its_errors(scene: tuple[Path, Path, Path], tmp_path: Path,
-                                       call_main: Callable[..., tuple[int, str, str]]) -> None:
+def test_export_command_and_its_errors(
+    scene: tuple[Path, Path, Path], tmp_path: Path, call_main: Callable[..., tuple[int, str, str]]
+) -> None:
     imgs, feats, matches = scene
     db_path = tmp_path / "cli.db"
     args = ["export", "colmap", str(feats), str(matches), str(imgs), str(db_path)]
@@ -158,8 +162,9 @@ def test_export_command_and_its_errors(scene: tuple[Path, Path, Path], tmp_path:
     shutil.copytree(imgs, more)
     shutil.copy(more / "v0.png", more / "extra-1.png")
     shutil.copy(more / "v0.png", more / "extra-2.png")
-    code, out, err = call_main("export", "colmap", str(feats), str(matches), str(more),
-                               str(tmp_path / "x.db"))
+    code, out, err = call_main(
+        "export", "colmap", str(feats), str(matches), str(more), str(tmp_path / "x.db")
+    )
     assert code == InputError.exit_code
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert len(lines) == 1 and "extra-1.png" in err and "extra-2.png" in err
@@ -180,9 +185,14 @@ def test_descriptors_must_be_128d(tmp_path: Path, scene: tuple[Path, Path, Path]
     feats = tmp_path / "f64.h5"
     with Writer(feats, "features", {"method": "test", "descriptor_dim": 64}) as w:
         for i in range(VIEWS):
-            w.write(f"v{i}.png", {"keypoints": np.zeros((3, 2), np.float32),
-                                  "descriptors": np.ones((64, 3), np.float32),
-                                  "image_size": np.array([WIDTH, HEIGHT], np.int32)})
+            w.write(
+                f"v{i}.png",
+                {
+                    "keypoints": np.zeros((3, 2), np.float32),
+                    "descriptors": np.ones((64, 3), np.float32),
+                    "image_size": np.array([WIDTH, HEIGHT], np.int32),
+                },
+            )
     with pytest.raises(InputError, match="64-D.*leave out --descriptors"):
         export_colmap(feats, matches, list_images(imgs), tmp_path / "d.db", descriptors=True)
     assert not (tmp_path / "d.db").exists()
@@ -206,8 +216,12 @@ def _jpeg_with_focal(path: Path, focal35: int, order: str) -> None:
     """A JPEG with an EXIF APP1 segment holding FocalLengthIn35mmFilm in the Exif sub-IFD."""
     e = "<" if order == "II" else ">"
     ifd0 = struct.pack(e + "H", 1) + struct.pack(e + "HHII", 0x8769, 4, 1, 26) + b"\0\0\0\0"
-    sub = (struct.pack(e + "H", 1) + struct.pack(e + "HHI", 0xA405, 3, 1)
-           + struct.pack(e + "HH", focal35, 0) + b"\0\0\0\0")
+    sub = (
+        struct.pack(e + "H", 1)
+        + struct.pack(e + "HHI", 0xA405, 3, 1)
+        + struct.pack(e + "HH", focal35, 0)
+        + b"\0\0\0\0"
+    )
     tiff = order.encode() + struct.pack(e + "HI", 42, 8) + ifd0 + sub
     app1 = b"Exif\0\0" + tiff
     ok, enc = cv2.imencode(".jpg", np.full((60, 80), 128, np.uint8))
@@ -240,12 +254,19 @@ def test_exif_focal_goes_into_the_camera(tmp_path: Path) -> None:
     feats, matches = tmp_path / "f.h5", tmp_path / "m.h5"
     with Writer(feats, "features", {"method": "test", "descriptor_dim": 128}) as w:
         for n in ("a.jpg", "b.png"):
-            w.write(n, {"keypoints": np.zeros((0, 2), np.float32),
-                        "descriptors": np.zeros((128, 0), np.float32),
-                        "image_size": np.array([80, 60], np.int32)})
+            w.write(
+                n,
+                {
+                    "keypoints": np.zeros((0, 2), np.float32),
+                    "descriptors": np.zeros((128, 0), np.float32),
+                    "image_size": np.array([80, 60], np.int32),
+                },
+            )
     with Writer(matches, "matches", {"method": "test"}) as w:
-        w.write("a.jpg/b.png", {"matches0": np.zeros(0, np.int32),
-                                "matching_scores0": np.zeros(0, np.float32)})
+        w.write(
+            "a.jpg/b.png",
+            {"matches0": np.zeros(0, np.int32), "matching_scores0": np.zeros(0, np.float32)},
+        )
     export_colmap(feats, matches, list_images(imgs), tmp_path / "e.db", "per-image")
     cams = {c.camera_id: c for c in _db(tmp_path / "e.db")["cameras"].values()}
     by_name = {n: cams[im.camera_id] for n, im in _db(tmp_path / "e.db")["images"].items()}
@@ -254,11 +275,14 @@ def test_exif_focal_goes_into_the_camera(tmp_path: Path) -> None:
     assert not by_name["b.png"].has_prior_focal_length and by_name["b.png"].params[0] == 96.0
 
 
-def test_missing_pycolmap_is_one_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
-                                      call_main: Callable[..., tuple[int, str, str]]) -> None:
+def test_missing_pycolmap_is_one_line(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, call_main: Callable[..., tuple[int, str, str]]
+) -> None:
     monkeypatch.setitem(sys.modules, "pycolmap", None)  # import pycolmap -> ImportError
-    for args in (["export", "colmap", "f.h5", "m.h5", str(tmp_path), "d.db"],
-                 ["sfm", str(tmp_path), str(tmp_path / "out")]):
+    for args in (
+        ["export", "colmap", "f.h5", "m.h5", str(tmp_path), "d.db"],
+        ["sfm", str(tmp_path), str(tmp_path / "out")],
+    ):
         code, out, err = call_main(*args)
         lines = [ln for ln in err.splitlines() if ln.strip()]
         assert code == 1 and len(lines) == 1, err

@@ -25,11 +25,23 @@ from descmatch.images import list_images
 def torchrun(*args: str) -> subprocess.CompletedProcess[str]:
     """``torchrun --standalone --nproc_per_node 2 -m descmatch ...`` (torchrun is
     ``python -m torch.distributed.run``: the same interpreter as the tests)."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    }
     env["OMP_NUM_THREADS"] = "1"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-           "2", "-m", "descmatch", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "descmatch",
+        *args,
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return res
@@ -58,11 +70,22 @@ def images(tmp_path: Path) -> Path:
 
 
 def test_two_processes_extract_and_match_into_one_file_equal_to_one_process(
-        images: Path, tmp_path: Path) -> None:
+    images: Path, tmp_path: Path
+) -> None:
     one, two = tmp_path / "one.h5", tmp_path / "two.h5"
     extract(list_images(images), one, build_describer("rootsift"), SiftDetector(max_keypoints=80))
-    res = torchrun("extract", str(images), str(two), "--method", "rootsift",
-                   "--max-keypoints", "80", "--device", "cpu", "--verbose")
+    res = torchrun(
+        "extract",
+        str(images),
+        str(two),
+        "--method",
+        "rootsift",
+        "--max-keypoints",
+        "80",
+        "--device",
+        "cpu",
+        "--verbose",
+    )
     out = res.stdout
     for rank in (0, 1):  # the six pending files (one unreadable) split 3 + 3
         assert f"rank {rank} of 2: 3 of 6 images" in res.stderr
@@ -81,8 +104,7 @@ def test_two_processes_extract_and_match_into_one_file_equal_to_one_process(
         names = sorted(r.keys)
     pairs = pairs_for("exhaustive", names, one)
     match(one, pairs, m_one)
-    res = torchrun("match", str(two), str(m_two), "--pairs", "exhaustive", "--device", "cpu",
-                   "-v")
+    res = torchrun("match", str(two), str(m_two), "--pairs", "exhaustive", "--device", "cpu", "-v")
     assert "rank 0 of 2: 5 of 10 pairs" in res.stderr
     assert "rank 1 of 2: 5 of 10 pairs" in res.stderr
     assert res.stdout.count("pair(s) matched") == 1 and "10 pair(s) matched" in res.stdout
@@ -96,8 +118,9 @@ def test_two_processes_extract_and_match_into_one_file_equal_to_one_process(
     assert_same_groups(m_one, m_two, "matches")
 
 
-def write_killed_rank_part(out: Path, rank: int, world: int, names: list[str],
-                           folder: Path) -> None:
+def write_killed_rank_part(
+    out: Path, rank: int, world: int, names: list[str], folder: Path
+) -> None:
     """What a killed rank leaves: its part file with complete groups, never merged."""
     describer = build_describer("rootsift")
     det = SiftDetector(max_keypoints=80)
@@ -112,24 +135,34 @@ def write_killed_rank_part(out: Path, rank: int, world: int, names: list[str],
     w._part = None
 
 
-def test_a_killed_ranks_part_is_resumed_by_a_single_process(images: Path,
-                                                            tmp_path: Path) -> None:
+def test_a_killed_ranks_part_is_resumed_by_a_single_process(images: Path, tmp_path: Path) -> None:
     out = tmp_path / "f.h5"
     write_killed_rank_part(out, 1, 2, ["img1.png", "img3.png"], images)
     assert leftover_parts(out) == [part_path(out, 1)] and not out.exists()
-    res = extract(list_images(images), out, build_describer("rootsift"),
-                  SiftDetector(max_keypoints=80))
+    res = extract(
+        list_images(images), out, build_describer("rootsift"), SiftDetector(max_keypoints=80)
+    )
     assert res.skipped_existing == 2 and res.images == 3
     assert leftover_parts(out) == []
     assert_same_groups(out, out.with_name("ref-f.h5"), "features")
 
 
 def test_leftover_parts_of_another_world_size_are_resumed_under_torchrun(
-        images: Path, tmp_path: Path) -> None:
+    images: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "f.h5"
     write_killed_rank_part(out, 2, 3, ["img0.png"], images)  # from a 3-process run
-    res = torchrun("extract", str(images), str(out), "--method", "rootsift",
-                   "--max-keypoints", "80", "--device", "cpu")
+    res = torchrun(
+        "extract",
+        str(images),
+        str(out),
+        "--method",
+        "rootsift",
+        "--max-keypoints",
+        "80",
+        "--device",
+        "cpu",
+    )
     assert "4 image(s)" in res.stdout and "1 already done" in res.stdout
     assert leftover_parts(out) == []
     assert_same_groups(out, out.with_name("ref-f.h5"), "features")
@@ -138,8 +171,13 @@ def test_leftover_parts_of_another_world_size_are_resumed_under_torchrun(
 def test_overwrite_discards_leftover_parts(images: Path, tmp_path: Path) -> None:
     out = tmp_path / "f.h5"
     write_killed_rank_part(out, 1, 2, ["img1.png"], images)
-    res = extract(list_images(images), out, build_describer("rootsift"),
-                  SiftDetector(max_keypoints=80), overwrite=True)
+    res = extract(
+        list_images(images),
+        out,
+        build_describer("rootsift"),
+        SiftDetector(max_keypoints=80),
+        overwrite=True,
+    )
     assert res.skipped_existing == 0 and res.images == 5 and leftover_parts(out) == []
 
 
@@ -149,8 +187,9 @@ def test_a_leftover_part_with_other_settings_is_refused(images: Path, tmp_path: 
     out = tmp_path / "f.h5"
     write_killed_rank_part(out, 1, 2, ["img1.png"], images)
     with pytest.raises(SchemaError, match=r"f\.h5\.rank1\.part: holds settings="):
-        extract(list_images(images), out, build_describer("rootsift"),
-                SiftDetector(max_keypoints=50))
+        extract(
+            list_images(images), out, build_describer("rootsift"), SiftDetector(max_keypoints=50)
+        )
     assert part_path(out, 1).exists()  # nothing lost
 
 

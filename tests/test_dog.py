@@ -92,27 +92,56 @@ def test_registry_builds_both_detectors() -> None:
     assert isinstance(build_detector("sift"), SiftDetector)
 
 
-def test_cli_extract_with_dog_detector(call_main: object, scene_dir: Path, tmp_path: Path,
-                                       hardnet_ckpt: Path) -> None:
+def test_cli_extract_with_dog_detector(
+    call_main: object, scene_dir: Path, tmp_path: Path, hardnet_ckpt: Path
+) -> None:
     out = tmp_path / "f.h5"
     code, _, err = call_main(  # type: ignore[operator]
-        "extract", str(scene_dir), str(out), "--method", "hardnet", "--weights",
-        str(hardnet_ckpt), "--detector", "dog", "--device", "cpu", "--max-keypoints", "100")
+        "extract",
+        str(scene_dir),
+        str(out),
+        "--method",
+        "hardnet",
+        "--weights",
+        str(hardnet_ckpt),
+        "--detector",
+        "dog",
+        "--device",
+        "cpu",
+        "--max-keypoints",
+        "100",
+    )
     assert code == 0, err
     with h5py.File(out, "r") as f:
         assert '"detector": "dog"' in f.attrs["settings"]
         assert f["img0.png"]["keypoints"].shape == (100, 2)
         assert f["img0.png"]["descriptors"].shape == (128, 100)
     # The same file cannot be completed with the other detector's keypoints.
-    code, _, err = call_main("extract", str(scene_dir), str(out), "--method",  # type: ignore
-                             "hardnet", "--weights", str(hardnet_ckpt), "--max-keypoints", "100")
+    code, _, err = call_main(
+        "extract",
+        str(scene_dir),
+        str(out),
+        "--method",  # type: ignore
+        "hardnet",
+        "--weights",
+        str(hardnet_ckpt),
+        "--max-keypoints",
+        "100",
+    )
     assert code == 3 and "settings" in err
 
 
-def test_cli_refuses_dog_with_a_classical_descriptor(call_main: object, scene_dir: Path,
-                                                     tmp_path: Path) -> None:
+def test_cli_refuses_dog_with_a_classical_descriptor(
+    call_main: object, scene_dir: Path, tmp_path: Path
+) -> None:
     code, _, err = call_main(  # type: ignore[operator]
-        "extract", str(scene_dir), str(tmp_path / "f.h5"), "--method", "rootsift",
-        "--detector", "dog")
+        "extract",
+        str(scene_dir),
+        str(tmp_path / "f.h5"),
+        "--method",
+        "rootsift",
+        "--detector",
+        "dog",
+    )
     assert code == 2 and "--detector dog: rootsift needs OpenCV" in err
     assert not (tmp_path / "f.h5").exists()

@@ -28,16 +28,14 @@ NAMES = ["view1.jpg", "view2.jpg", "view3.jpg"]
 
 
 @pytest.fixture(scope="module")
-def example_matches(example_features: Path, tmp_path_factory: pytest.TempPathFactory
-                    ) -> Path:
+def example_matches(example_features: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("e2e") / "matches.h5"
     res = match(example_features, exhaustive(NAMES), out)
     assert res.matched == 3
     return out
 
 
-def _errors(features: Path, matches: Path, a: str, b: str, h: np.ndarray
-            ) -> tuple[int, np.ndarray]:
+def _errors(features: Path, matches: Path, a: str, b: str, h: np.ndarray) -> tuple[int, np.ndarray]:
     m, _ = read_matches(matches, a, b)
     k0 = read_features(features, a)["keypoints"]
     k1 = read_features(features, b)["keypoints"]
@@ -56,14 +54,22 @@ def test_features_of_the_examples(example_features: Path) -> None:
             assert f["image_size"].tolist() == [640, 480]
 
 
-@pytest.mark.parametrize("view,hfile,min_matches,min_precision", [
-    ("view2.jpg", "H_1_2", 200, 0.9),
-    ("view3.jpg", "H_1_3", 200, 0.85),
-])
-def test_matches_agree_with_the_true_homography(example_dir: Path, example_features: Path,
-                                                example_matches: Path, view: str, hfile: str,
-                                                min_matches: int, min_precision: float
-                                                ) -> None:
+@pytest.mark.parametrize(
+    "view,hfile,min_matches,min_precision",
+    [
+        ("view2.jpg", "H_1_2", 200, 0.9),
+        ("view3.jpg", "H_1_3", 200, 0.85),
+    ],
+)
+def test_matches_agree_with_the_true_homography(
+    example_dir: Path,
+    example_features: Path,
+    example_matches: Path,
+    view: str,
+    hfile: str,
+    min_matches: int,
+    min_precision: float,
+) -> None:
     h = read_homography(example_dir / hfile)
     n, err = _errors(example_features, example_matches, "view1.jpg", view, h)
     assert n > min_matches
@@ -74,8 +80,9 @@ def test_matches_agree_with_the_true_homography(example_dir: Path, example_featu
     assert (wrong <= 3).mean() < 0.2
 
 
-def test_the_true_homography_is_recovered(example_dir: Path, example_features: Path,
-                                          example_matches: Path) -> None:
+def test_the_true_homography_is_recovered(
+    example_dir: Path, example_features: Path, example_matches: Path
+) -> None:
     m, _ = read_matches(example_matches, "view1.jpg", "view2.jpg")
     i0 = np.nonzero(m >= 0)[0]
     k0 = read_features(example_features, "view1.jpg")["keypoints"]
@@ -86,11 +93,13 @@ def test_the_true_homography_is_recovered(example_dir: Path, example_features: P
     assert homography_corner_error(h_est, h_true, 640, 480) < 2.0
 
 
-def test_view2_to_view3_is_consistent(example_dir: Path, example_features: Path,
-                                      example_matches: Path) -> None:
+def test_view2_to_view3_is_consistent(
+    example_dir: Path, example_features: Path, example_matches: Path
+) -> None:
     """Pair 2-3 has no file of its own: H_2_3 = H_1_3 @ inv(H_1_2)."""
     h23 = read_homography(example_dir / "H_1_3") @ np.linalg.inv(
-        read_homography(example_dir / "H_1_2"))
+        read_homography(example_dir / "H_1_2")
+    )
     n, err = _errors(example_features, example_matches, "view2.jpg", "view3.jpg", h23)
     assert n > 150 and (err <= 3).mean() > 0.85
 
@@ -117,9 +126,18 @@ def test_upright_matches_worse_under_rotation(example_dir: Path) -> None:
 
 
 def test_two_image_mode_inliers(example_dir: Path) -> None:
-    res = CliRunner().invoke(app, ["match", str(example_dir / "view1.jpg"),
-                                   str(example_dir / "view3.jpg"), "--geometry", "homography",
-                                   "--max-keypoints", str(EXAMPLE_KEYPOINTS)])
+    res = CliRunner().invoke(
+        app,
+        [
+            "match",
+            str(example_dir / "view1.jpg"),
+            str(example_dir / "view3.jpg"),
+            "--geometry",
+            "homography",
+            "--max-keypoints",
+            str(EXAMPLE_KEYPOINTS),
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "rootsift" in res.output  # auto without shipped weights
     found = re.search(r"(\d+) matches, (\d+) inliers \(homography\)", res.output)
@@ -133,13 +151,17 @@ def test_names_with_spaces_round_trip(example_dir: Path, tmp_path: Path) -> None
     second `match` that reads it back; an untabbed hloc-style line splits at known names."""
     imgs = tmp_path / "my images"
     imgs.mkdir()
-    for src, dst in (("view1.jpg", "IMG 001.jpg"), ("view2.jpg", "IMG 002.jpg"),
-                     ("view3.jpg", "plain.jpg")):
+    for src, dst in (
+        ("view1.jpg", "IMG 001.jpg"),
+        ("view2.jpg", "IMG 002.jpg"),
+        ("view3.jpg", "plain.jpg"),
+    ):
         (imgs / dst).write_bytes((example_dir / src).read_bytes())
     runner = CliRunner()
     feats, pairs, m1, m2 = (tmp_path / n for n in ("f.h5", "pairs.txt", "m1.h5", "m2.h5"))
-    res = runner.invoke(app, ["extract", str(imgs), str(feats), "-m", "rootsift",
-                              "--max-keypoints", "300"])
+    res = runner.invoke(
+        app, ["extract", str(imgs), str(feats), "-m", "rootsift", "--max-keypoints", "300"]
+    )
     assert res.exit_code == 0, res.output
     res = runner.invoke(app, ["match", str(feats), str(m1), "--pairs-out", str(pairs)])
     assert res.exit_code == 0, res.output
@@ -159,4 +181,5 @@ def test_names_with_spaces_round_trip(example_dir: Path, tmp_path: Path) -> None
     hloc.write_text("IMG 002.jpg other.jpg\n")
     res = runner.invoke(app, ["match", str(feats), str(m2), "--pairs", str(hloc)])
     assert res.exit_code != 0 and "hloc.txt:1: 'IMG 002.jpg other.jpg' is not two" in str(
-        res.exception)
+        res.exception
+    )

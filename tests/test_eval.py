@@ -58,15 +58,29 @@ def test_homography_eval_detects_a_wrong_homography(sequence: Path, tmp_path: Pa
 
 def test_eval_homography_cli_writes_json(sequence: Path, tmp_path: Path) -> None:
     out = tmp_path / "rows.json"
-    res = runner.invoke(app, ["eval", "homography", str(sequence), "--method", "rootsift",
-                              "--max-keypoints", "400", "--json", str(out)])
+    res = runner.invoke(
+        app,
+        [
+            "eval",
+            "homography",
+            str(sequence),
+            "--method",
+            "rootsift",
+            "--max-keypoints",
+            "400",
+            "--json",
+            str(out),
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "MMA@3" in res.output
     data = json.loads(out.read_text())
     assert data["method"] == "rootsift" and len(data["rows"]) == 2
     assert "possible@3" in res.output and data["rows"][0]["possible@3"] > 0
-    assert "framed@3" in res.output and 0 < data["rows"][0]["framed@3"] <= data["rows"][0][
-        "possible@3"]
+    assert (
+        "framed@3" in res.output
+        and 0 < data["rows"][0]["framed@3"] <= data["rows"][0]["possible@3"]
+    )
 
 
 def brute_force_matching(ok: np.ndarray) -> int:
@@ -89,8 +103,11 @@ def test_possible_correspondences_is_a_maximum_one_to_one_matching() -> None:
         a = rng.uniform(0, 6, (int(rng.integers(0, 6)), 2))
         b = rng.uniform(0, 6, (int(rng.integers(0, 6)), 2))
         pa = a + [0.5, -0.25]
-        ok = (np.linalg.norm(pa[:, None] - b[None], axis=2) <= 1.5 if len(a) and len(b)
-              else np.zeros((len(a), len(b)), bool))
+        ok = (
+            np.linalg.norm(pa[:, None] - b[None], axis=2) <= 1.5
+            if len(a) and len(b)
+            else np.zeros((len(a), len(b)), bool)
+        )
         assert possible_correspondences(a, b, shift, 1.5) == brute_force_matching(ok)
     # With frames: an edge also needs the orientations within 30 degrees (as gradients map;
     # under the shift they stay) and the sizes within 1.5x.
@@ -102,8 +119,9 @@ def test_possible_correspondences_is_a_maximum_one_to_one_matching() -> None:
         near = np.linalg.norm(a[:, None] + [0.5, -0.25] - b[None], axis=2) <= 1.5
         dang = np.abs((tb[None] - ta[:, None] + 180) % 360 - 180)
         same = (dang <= 30) & (np.abs(np.log(sb[None] / sa[:, None])) <= np.log(1.5))
-        assert (possible_correspondences(a, b, shift, 1.5, (sa, ta, sb, tb))
-                == brute_force_matching(near & same))
+        assert possible_correspondences(a, b, shift, 1.5, (sa, ta, sb, tb)) == brute_force_matching(
+            near & same
+        )
     # A greedy nearest choice would take (0 -> 0) and leave point 1 without a partner.
     a = np.array([[0.0, 0.0], [2.0, 0.0]])
     b = np.array([[1.0, 0.0], [-1.0, 0.0]])
@@ -118,7 +136,8 @@ def test_epipolar_eval_on_a_rendered_scene(tmp_path: Path) -> None:
     for r in rows:
         assert r.matches > 50
         assert r.correct > 0.7 * r.matches
-    res = runner.invoke(app, ["eval", "epipolar", str(scene), "--method", "rootsift",
-                              "--max-keypoints", "400"])
+    res = runner.invoke(
+        app, ["eval", "epipolar", str(scene), "--method", "rootsift", "--max-keypoints", "400"]
+    )
     assert res.exit_code == 0, res.output
     assert "precision" in res.output

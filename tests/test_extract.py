@@ -31,11 +31,20 @@ from descmatch.weights import default_method, load_net, sha256
 pytestmark = pytest.mark.usefixtures("no_weights")
 
 
-def run_extract(folder: Path, out: Path, describer: object = None,
-                max_keypoints: int = SMALL_KEYPOINTS, **kw: object) -> object:
-    return extract(list_images(folder), out,
-                   describer if describer is not None else build_describer("rootsift"),
-                   SiftDetector(max_keypoints=max_keypoints), **kw)  # type: ignore[arg-type]
+def run_extract(
+    folder: Path,
+    out: Path,
+    describer: object = None,
+    max_keypoints: int = SMALL_KEYPOINTS,
+    **kw: object,
+) -> object:
+    return extract(
+        list_images(folder),
+        out,
+        describer if describer is not None else build_describer("rootsift"),
+        SiftDetector(max_keypoints=max_keypoints),
+        **kw,
+    )  # type: ignore[arg-type]
 
 
 def _blobs(h: int, w: int, centres: list[tuple[float, float]], sigma: float) -> np.ndarray:
@@ -47,8 +56,9 @@ def _blobs(h: int, w: int, centres: list[tuple[float, float]], sigma: float) -> 
 
 
 # -- classical descriptors -------------------------------------------------------------------
-def test_rootsift_is_unit_norm_non_negative_and_the_root_of_l1_sift(scene_dir: Path,
-                                                                    tmp_path: Path) -> None:
+def test_rootsift_is_unit_norm_non_negative_and_the_root_of_l1_sift(
+    scene_dir: Path, tmp_path: Path
+) -> None:
     run_extract(scene_dir, tmp_path / "root.h5", build_describer("rootsift"))
     run_extract(scene_dir, tmp_path / "sift.h5", build_describer("sift"))
     for name in ("img0.png", "img2.png"):
@@ -75,9 +85,12 @@ def test_descriptor_columns_follow_keypoint_order(scene_dir: Path, tmp_path: Pat
     kps = det(img)
     np.testing.assert_array_equal(f["keypoints"], kps.xy)
     # OpenCV's own SIFT on the stored keypoints gives the stored columns.
-    cv_kps = [cv2.KeyPoint(float(x), float(y), float(s), float(a), float(r), k.octave)
-              for (x, y), s, a, r, k in zip(f["keypoints"], f["scales"], f["oris"],
-                                            f["scores"], kps.cv, strict=True)]
+    cv_kps = [
+        cv2.KeyPoint(float(x), float(y), float(s), float(a), float(r), k.octave)
+        for (x, y), s, a, r, k in zip(
+            f["keypoints"], f["scales"], f["oris"], f["scores"], kps.cv, strict=True
+        )
+    ]
     _, ref = det.make_cv().compute(to_uint8(img), cv_kps)
     ref = ref / np.linalg.norm(ref, axis=1, keepdims=True)
     np.testing.assert_allclose(f["descriptors"].T, ref, atol=1e-5)
@@ -92,8 +105,7 @@ def test_sift_describer_needs_opencv_keypoints(scene: np.ndarray) -> None:
     assert SiftDescriber()(img, Keypoints.empty()).shape == (0, 128)
 
 
-@pytest.mark.parametrize("conf", [{"n_octave_layers": 5}, {"sigma": 2.0},
-                                  {"n_octave_layers": 6}])
+@pytest.mark.parametrize("conf", [{"n_octave_layers": 5}, {"sigma": 2.0}, {"n_octave_layers": 6}])
 def test_sift_descriptor_uses_the_detector_settings(scene: np.ndarray, conf: dict) -> None:
     img = scene.astype(np.float32) / 255
     det = SiftDetector(max_keypoints=200, **conf)
@@ -115,11 +127,16 @@ def test_keypoint_budget_keeps_the_strongest(scene: np.ndarray) -> None:
     np.testing.assert_array_equal(some.response, every.response[:100])
 
 
-def test_upright_gives_angle_zero_and_one_keypoint_per_location(scene_dir: Path,
-                                                                tmp_path: Path) -> None:
+def test_upright_gives_angle_zero_and_one_keypoint_per_location(
+    scene_dir: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "up.h5"
-    extract(list_images(scene_dir), out, build_describer("rootsift"),
-            SiftDetector(max_keypoints=SMALL_KEYPOINTS, upright=True))
+    extract(
+        list_images(scene_dir),
+        out,
+        build_describer("rootsift"),
+        SiftDetector(max_keypoints=SMALL_KEYPOINTS, upright=True),
+    )
     with Reader(out, "features") as r:
         assert json.loads(r.attrs["settings"])["upright"] is True
         for key in r.keys:
@@ -128,14 +145,14 @@ def test_upright_gives_angle_zero_and_one_keypoint_per_location(scene_dir: Path,
             assert (f["oris"] == 0).all()
             locs = np.round(np.c_[f["keypoints"], f["scales"]] * 100)
             assert len(np.unique(locs, axis=0)) == len(locs)
-            np.testing.assert_allclose(np.linalg.norm(f["descriptors"], axis=0), 1.0,
-                                       atol=1e-5)
+            np.testing.assert_allclose(np.linalg.norm(f["descriptors"], axis=0), 1.0, atol=1e-5)
     img = read_image(scene_dir / "img0.png")
     oriented = SiftDetector(max_keypoints=0)(img)
     upright = SiftDetector(max_keypoints=0, upright=True)(img)
     assert len(upright) < len(oriented)  # several orientations of a point became one
     assert len(np.unique(np.round(oriented.xy * 100), axis=0)) == len(
-        np.unique(np.round(upright.xy * 100), axis=0))
+        np.unique(np.round(upright.xy * 100), axis=0)
+    )
 
 
 # -- --resize-max ----------------------------------------------------------------------------
@@ -145,8 +162,7 @@ def test_resize_max_stores_original_coordinates(example_dir: Path, tmp_path: Pat
     imgs = list_images(example_dir / "view1.jpg")
     assert imgs.names == names
     extract(imgs, full, build_describer("rootsift"), SiftDetector(max_keypoints=2000))
-    extract(imgs, small, build_describer("rootsift"), SiftDetector(max_keypoints=300),
-            max_side=320)
+    extract(imgs, small, build_describer("rootsift"), SiftDetector(max_keypoints=300), max_side=320)
     a, b = read_features(full, "view1.jpg"), read_features(small, "view1.jpg")
     assert a["image_size"].tolist() == [640, 480] and b["image_size"].tolist() == [640, 480]
     with Reader(small, "features") as r:
@@ -173,8 +189,8 @@ def test_resize_coordinate_mapping_follows_the_pixel_centre_convention() -> None
     found = []
     for cx, cy in centres:
         x0, y0 = round(cx * sx), round(cy * sy)
-        win = small[y0 - 6:y0 + 7, x0 - 6:x0 + 7] - 0.2
-        yy, xx = np.mgrid[y0 - 6:y0 + 7, x0 - 6:x0 + 7]
+        win = small[y0 - 6 : y0 + 7, x0 - 6 : x0 + 7] - 0.2
+        yy, xx = np.mgrid[y0 - 6 : y0 + 7, x0 - 6 : x0 + 7]
         found.append(((win * xx).sum() / win.sum(), (win * yy).sum() / win.sum()))
     z = np.zeros(3, np.float32)
     kps = Keypoints(np.array(found, np.float32), z + 4, z, z)
@@ -204,7 +220,8 @@ def test_unreadable_images_are_skipped_and_listed(scene_dir: Path, tmp_path: Pat
 
 
 def test_strict_makes_an_unreadable_image_fatal_but_keeps_finished_work(
-        scene_dir: Path, tmp_path: Path) -> None:
+    scene_dir: Path, tmp_path: Path
+) -> None:
     (scene_dir / "img1.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
     out = tmp_path / "f.h5"
     with pytest.raises(ImageReadError, match="img1.png"):
@@ -231,8 +248,7 @@ def test_learned_net_without_weights_says_how_to_get_them(method: str) -> None:
     assert "descmatch train" in msg and "--weights" in msg and method in msg
 
 
-def test_checkpoint_loads_and_extracts(hardnet_ckpt: Path, scene_dir: Path,
-                                       tmp_path: Path) -> None:
+def test_checkpoint_loads_and_extracts(hardnet_ckpt: Path, scene_dir: Path, tmp_path: Path) -> None:
     loaded = load_net("hardnet", hardnet_ckpt)
     assert not loaded.net.training and loaded.meta == {"data": "test", "steps": 0}
     describer = build_describer("hardnet", weights=str(hardnet_ckpt), precision="fp32")
@@ -259,14 +275,13 @@ def test_checkpoint_loads_and_extracts(hardnet_ckpt: Path, scene_dir: Path,
         ref = loaded.net(describer.patches(img, kps)).numpy()
     ref = ref.reshape(len(describer.size_pool), len(kps), -1).sum(0)
     ref /= np.linalg.norm(ref, axis=1, keepdims=True)
-    np.testing.assert_allclose(read_features(out, "img0.png")["descriptors"].T, ref,
-                               atol=1e-4)
+    np.testing.assert_allclose(read_features(out, "img0.png")["descriptors"].T, ref, atol=1e-4)
 
 
 @pytest.mark.parametrize("pack", [0, 200, 10**6])
 def test_images_packed_into_one_net_call_give_the_same_file(
-        hardnet_ckpt: Path, scene_dir: Path, tmp_path: Path, pack: int,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    hardnet_ckpt: Path, scene_dir: Path, tmp_path: Path, pack: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # The CUDA path gathers images until a batch is full; forced here on the CPU: 0 (one net
     # pass per image), 200 (two images of 150 keypoints per pass), everything in one pass.
     describer = build_describer("hardnet", weights=str(hardnet_ckpt), precision="fp32")
@@ -276,15 +291,20 @@ def test_images_packed_into_one_net_call_give_the_same_file(
     monkeypatch.setattr(NetDescriber, "pack_patches", pack)
     passes: list[int] = []
     real = NetDescriber.describe_patches
-    monkeypatch.setattr(NetDescriber, "describe_patches",
-                        lambda self, p: passes.append(len(p)) or real(self, p))
+    monkeypatch.setattr(
+        NetDescriber, "describe_patches", lambda self, p: passes.append(len(p)) or real(self, p)
+    )
     seen: list[tuple[int, int, str]] = []
     out = tmp_path / "packed.h5"
-    res = run_extract(scene_dir, out, describer, max_keypoints=150,
-                      progress=lambda i, n, name: seen.append((i, n, name)))
+    res = run_extract(
+        scene_dir,
+        out,
+        describer,
+        max_keypoints=150,
+        progress=lambda i, n, name: seen.append((i, n, name)),
+    )
     f = len(describer.size_pool)  # patches per keypoint (size pooling)
-    assert passes == [f * n for n in {0: [150, 150, 150], 200: [300, 150],
-                                      10**6: [450]}[pack]]
+    assert passes == [f * n for n in {0: [150, 150, 150], 200: [300, 150], 10**6: [450]}[pack]]
     assert res.images == 3 and [s[:2] for s in seen] == [(1, 3), (2, 3), (3, 3)]
     for key in ("img0.png", "img1.png", "img2.png"):
         a, b = read_features(ref, key), read_features(out, key)
@@ -318,12 +338,12 @@ def test_weights_of_another_net_are_refused(ckpt_dir: Path) -> None:
     assert str(ckpt) in str(e.value) and "sosnet" in str(e.value)
 
 
-def test_bare_state_dict_that_does_not_fit_is_refused(tmp_path: Path, hardnet_ckpt: Path
-                                                      ) -> None:
+def test_bare_state_dict_that_does_not_fit_is_refused(tmp_path: Path, hardnet_ckpt: Path) -> None:
     state = torch.load(hardnet_ckpt, weights_only=True)["state_dict"]
     p = tmp_path / "bare.pt"
-    narrow = {k: v[:64] if k.startswith("tower.head") and v.ndim else v
-              for k, v in state.items()}  # a 64-D head
+    narrow = {
+        k: v[:64] if k.startswith("tower.head") and v.ndim else v for k, v in state.items()
+    }  # a 64-D head
     torch.save(narrow, p)
     with pytest.raises(WeightsError) as e:
         load_net("hardnet", p)
@@ -374,8 +394,12 @@ def test_extract_a_few_images_quickly(tmp_path: Path) -> None:
     folder = tmp_path / "many"
     write_scenes(folder, 8, width=128, height=96)
     seen: list[tuple[int, int, str]] = []
-    res = run_extract(folder, tmp_path / "f.h5", max_keypoints=50,
-                      progress=lambda i, n, name: seen.append((i, n, name)))
+    res = run_extract(
+        folder,
+        tmp_path / "f.h5",
+        max_keypoints=50,
+        progress=lambda i, n, name: seen.append((i, n, name)),
+    )
     assert res.images == 8  # type: ignore[attr-defined]
     assert seen == [(i + 1, 8, f"img{i}.png") for i in range(8)]
 
@@ -394,7 +418,8 @@ def test_reduced_precision_stays_close_to_fp32(hardnet_ckpt: Path) -> None:
 
 
 def test_sequential_and_pipelined_extract_write_the_same_and_time_each_stage(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     folder = tmp_path / "imgs"
     write_scenes(folder, 4, width=128, height=96)
     a = run_extract(folder, tmp_path / "a.h5", max_keypoints=50)

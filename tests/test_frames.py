@@ -30,11 +30,28 @@ def _t(*v: float) -> torch.Tensor:
     return torch.tensor(v, dtype=torch.float64)
 
 
-def _losses(a1: float, a2: float, jac: np.ndarray, s1: float = 1.0, s2: float = 1.0,
-            th1: float = 0.0, th2: float = 0.0, r1: float = 0.0, r2: float = 0.0
-            ) -> tuple[float, float]:
-    lo, ls = frame_losses(_t(th1), _t(r1), _t(th2), _t(r2), _t(a1), _t(s1), _t(a2), _t(s2),
-                          torch.tensor(jac[None], dtype=torch.float64))
+def _losses(
+    a1: float,
+    a2: float,
+    jac: np.ndarray,
+    s1: float = 1.0,
+    s2: float = 1.0,
+    th1: float = 0.0,
+    th2: float = 0.0,
+    r1: float = 0.0,
+    r2: float = 0.0,
+) -> tuple[float, float]:
+    lo, ls = frame_losses(
+        _t(th1),
+        _t(r1),
+        _t(th2),
+        _t(r2),
+        _t(a1),
+        _t(s1),
+        _t(a2),
+        _t(s2),
+        torch.tensor(jac[None], dtype=torch.float64),
+    )
     return float(lo[0]), float(ls[0])
 
 
@@ -48,8 +65,9 @@ def test_frame_losses_match_hand_computed_values() -> None:
     assert _losses(0.0, 90.0, sim, 1.0, 2.0) == pytest.approx((0.0, 0.0), abs=1e-12)
     assert _losses(0.0, 0.0, sim, 1.0, 1.0) == pytest.approx((1.0, math.log(2.0) ** 2))
     # Refinements that move both frames consistently cost nothing.
-    assert _losses(0.0, 90.0, sim, 1.0, 2.0, th1=0.3, th2=0.3, r1=0.2, r2=0.2) == \
-        pytest.approx((0.0, 0.0), abs=1e-12)
+    assert _losses(0.0, 90.0, sim, 1.0, 2.0, th1=0.3, th2=0.3, r1=0.2, r2=0.2) == pytest.approx(
+        (0.0, 0.0), abs=1e-12
+    )
     # ... and one that fixes the detector's error removes it: the warp keypoint 20 degrees
     # and 1.5x off.
     lo, ls = _losses(0.0, 110.0, sim, 1.0, 3.0, th2=-math.radians(20), r2=-math.log(1.5))
@@ -94,8 +112,9 @@ def _scaling_frames(path: Path, log_scale: float) -> Path:
     return save_checkpoint(path, net, {"data": "test"})
 
 
-def test_describer_describes_in_the_refined_frames(tmp_path: Path, scene_dir: Path,
-                                                   ckpt_dir: Path) -> None:
+def test_describer_describes_in_the_refined_frames(
+    tmp_path: Path, scene_dir: Path, ckpt_dir: Path
+) -> None:
     frames = _scaling_frames(tmp_path / "f.pt", math.log(1.25))
     assert isinstance(load_net("frames", frames).net, FrameNet)
     net_ckpt = str(ckpt_dir / "sos.pt")
@@ -121,7 +140,8 @@ def test_describer_describes_in_the_refined_frames(tmp_path: Path, scene_dir: Pa
 
 
 def test_a_turning_refiner_turns_frames_except_for_upright_keypoints(
-        tmp_path: Path, scene_dir: Path, ckpt_dir: Path) -> None:
+    tmp_path: Path, scene_dir: Path, ckpt_dir: Path
+) -> None:
     net = FrameNet({"rotation": True})
     torch.nn.init.constant_(net.head.bias, math.atanh(20.0 / 60.0))  # +20 degrees, 1.8**(1/3)
     frames = save_checkpoint(tmp_path / "turn.pt", net, {})
@@ -129,20 +149,36 @@ def test_a_turning_refiner_turns_frames_except_for_upright_keypoints(
     kps = SiftDetector(max_keypoints=40)(img)
     ups = SiftDetector(max_keypoints=40, upright=True)(img)
     for upright, k in ((False, kps), (True, ups)):
-        d = build_describer("sosnet", str(ckpt_dir / "sos.pt"), precision="fp32",
-                            frames=str(frames), upright=upright)
+        d = build_describer(
+            "sosnet",
+            str(ckpt_dir / "sos.pt"),
+            precision="fp32",
+            frames=str(frames),
+            upright=upright,
+        )
         out = d.refine(img, k)  # type: ignore[attr-defined]
         np.testing.assert_allclose(out.size, k.size * 1.8 ** (1 / 3), rtol=1e-5)
         turn = (out.angle - k.angle + 180.0) % 360.0 - 180.0
         np.testing.assert_allclose(turn, 0.0 if upright else 20.0, atol=1e-3)
 
 
-def test_extract_writes_the_refined_frames(tmp_path: Path, scene_dir: Path, ckpt_dir: Path,
-                                           call_main: Callable[..., MainResult]) -> None:
+def test_extract_writes_the_refined_frames(
+    tmp_path: Path, scene_dir: Path, ckpt_dir: Path, call_main: Callable[..., MainResult]
+) -> None:
     frames = _scaling_frames(tmp_path / "f.pt", math.log(0.8))
     out = tmp_path / "feats.h5"
-    base = ["extract", str(scene_dir), "--method", "sosnet", "--weights",
-            str(ckpt_dir / "sos.pt"), "--max-keypoints", "50", "--precision", "fp32"]
+    base = [
+        "extract",
+        str(scene_dir),
+        "--method",
+        "sosnet",
+        "--weights",
+        str(ckpt_dir / "sos.pt"),
+        "--max-keypoints",
+        "50",
+        "--precision",
+        "fp32",
+    ]
     assert call_main(*base, str(out), "--frames", str(frames))[0] == 0
     assert call_main(*base, str(tmp_path / "plain.h5"), "--frames", "none")[0] == 0
     with Reader(out, "features") as r, Reader(tmp_path / "plain.h5", "features") as p:
@@ -170,12 +206,34 @@ def _photos(d: Path, n: int = 4) -> Path:
 
 
 def test_train_frames_end_to_end_and_resume_exactly(
-        tmp_path: Path, call_main: Callable[..., MainResult]) -> None:
+    tmp_path: Path, call_main: Callable[..., MainResult]
+) -> None:
     photos = _photos(tmp_path / "ph")
-    args = ["train", "--method", "frames", "--data", f"photos:{photos}", "--steps", "6",
-            "--batch-size", "32", "--eval-every", "3", "--checkpoint-every", "3",
-            "--max-tilt", "3", "--pair-angle", "75", "--pair-scale", "1.8",
-            "--pairs-per-image", "60", "--seed", "1"]
+    args = [
+        "train",
+        "--method",
+        "frames",
+        "--data",
+        f"photos:{photos}",
+        "--steps",
+        "6",
+        "--batch-size",
+        "32",
+        "--eval-every",
+        "3",
+        "--checkpoint-every",
+        "3",
+        "--max-tilt",
+        "3",
+        "--pair-angle",
+        "75",
+        "--pair-scale",
+        "1.8",
+        "--pairs-per-image",
+        "60",
+        "--seed",
+        "1",
+    ]
     whole = tmp_path / "whole"
     assert call_main(*args, "--out", str(whole))[0] == 0
     ck = torch.load(whole / "frames.pt", weights_only=True)
@@ -199,10 +257,18 @@ def test_train_frames_end_to_end_and_resume_exactly(
         torch.testing.assert_close(a[k], v, rtol=0, atol=0)
 
 
-def test_train_frames_refuses_other_sources(tmp_path: Path,
-                                            call_main: Callable[..., MainResult]) -> None:
-    code, _, err = call_main("train", "--method", "frames", "--data", f"multiview:{tmp_path}",
-                             "--out", str(tmp_path / "r"))
+def test_train_frames_refuses_other_sources(
+    tmp_path: Path, call_main: Callable[..., MainResult]
+) -> None:
+    code, _, err = call_main(
+        "train",
+        "--method",
+        "frames",
+        "--data",
+        f"multiview:{tmp_path}",
+        "--out",
+        str(tmp_path / "r"),
+    )
     assert code != 0 and "photos: sources only" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "r").exists()
 
@@ -210,15 +276,18 @@ def test_train_frames_refuses_other_sources(tmp_path: Path,
 def test_frames_config_refuses_inconsistent_objectives(tmp_path: Path) -> None:
     from descmatch.train.frames import FramesConfig
 
-    for kw, msg in (({"objective": "affine"}, "choose one of"),
-                    ({"objective": "descriptor"}, "needs --teacher"),
-                    ({"teacher": "sosnet"}, "needs --frame-loss descriptor"),
-                    ({"covariant_weight": 1.0}, "adds to --frame-loss descriptor"),
-                    ({"objective": "descriptor", "teacher": "sosnet", "mean_weight": -1.0},
-                     "weights >= 0"),
-                    ({"teacher_size_pool": (0.7, 1.4)}, "applies to --frame-loss descriptor"),
-                    ({"objective": "descriptor", "teacher": "sosnet",
-                      "teacher_size_pool": (0.0, 1.0)}, "between 0 and 10")):
+    for kw, msg in (
+        ({"objective": "affine"}, "choose one of"),
+        ({"objective": "descriptor"}, "needs --teacher"),
+        ({"teacher": "sosnet"}, "needs --frame-loss descriptor"),
+        ({"covariant_weight": 1.0}, "adds to --frame-loss descriptor"),
+        ({"objective": "descriptor", "teacher": "sosnet", "mean_weight": -1.0}, "weights >= 0"),
+        ({"teacher_size_pool": (0.7, 1.4)}, "applies to --frame-loss descriptor"),
+        (
+            {"objective": "descriptor", "teacher": "sosnet", "teacher_size_pool": (0.0, 1.0)},
+            "between 0 and 10",
+        ),
+    ):
         with pytest.raises(ConfigError, match=msg):
             FramesConfig(data=["photos:x"], out_dir=tmp_path, **kw)
 
@@ -242,28 +311,54 @@ def test_training_pairs_are_cut_in_the_refined_frames(tmp_path: Path) -> None:
     np.testing.assert_allclose(refined.src_size, plain.src_size * 1.25, rtol=1e-5)
     np.testing.assert_allclose(refined.dst_size, plain.dst_size * 1.25, rtol=1e-5)
     t = torch.from_numpy(img)
-    want = extract_patches(t, refined.src_xy, refined.src_size, refined.src_angle,
-                           pyramid=build_pyramid(t))
+    want = extract_patches(
+        t, refined.src_xy, refined.src_size, refined.src_angle, pyramid=build_pyramid(t)
+    )
     got = torch.from_numpy(refined.patches[:, 0]).float() / 255.0
     torch.testing.assert_close(got, want[:, 0], atol=1 / 255 + 1e-6, rtol=0)
 
 
 def test_descriptor_training_with_frames_records_them(
-        tmp_path: Path, call_main: Callable[..., MainResult]) -> None:
+    tmp_path: Path, call_main: Callable[..., MainResult]
+) -> None:
     frames = _scaling_frames(tmp_path / "f.pt", math.log(1.25))
     photos = _photos(tmp_path / "ph", 2)
     out = tmp_path / "run"
-    code, _, err = call_main("train", "--method", "hardnet", "--data", f"photos:{photos}",
-                             "--out", str(out), "--steps", "2", "--batch-size", "16",
-                             "--val", "none", "--frames", str(frames),
-                             "--pairs-per-image", "64")
+    code, _, err = call_main(
+        "train",
+        "--method",
+        "hardnet",
+        "--data",
+        f"photos:{photos}",
+        "--out",
+        str(out),
+        "--steps",
+        "2",
+        "--batch-size",
+        "16",
+        "--val",
+        "none",
+        "--frames",
+        str(frames),
+        "--pairs-per-image",
+        "64",
+    )
     assert code == 0, err
     ck = torch.load(out / "hardnet.pt", weights_only=True)
     assert ck["meta"]["frames_sha256"] == sha256(frames)
     (pool,) = (out / "pools").iterdir()
     assert json.loads((pool / "meta.json").read_text())["frames_sha256"] == sha256(frames)
-    code, _, err = call_main("train", "--method", "frames", "--data", f"photos:{photos}",
-                             "--out", str(tmp_path / "r2"), "--frames", str(frames))
+    code, _, err = call_main(
+        "train",
+        "--method",
+        "frames",
+        "--data",
+        f"photos:{photos}",
+        "--out",
+        str(tmp_path / "r2"),
+        "--frames",
+        str(frames),
+    )
     assert code != 0 and "--frames applies to descriptor nets" in err
 
 
@@ -294,8 +389,7 @@ def test_resample_cuts_patches_as_extract_patches_does_in_the_refined_frames() -
     assert rho_t.grad is not None and bool((rho_t.grad != 0).all())
 
 
-def test_a_central_surround_teacher_describes_from_context_and_surround(
-        ckpt_dir: Path) -> None:
+def test_a_central_surround_teacher_describes_from_context_and_surround(ckpt_dir: Path) -> None:
     from descmatch.patches import extract_patches
     from descmatch.train.frames import _teacher_descriptors
 
@@ -307,10 +401,10 @@ def test_a_central_surround_teacher_describes_from_context_and_surround(
     net = load_net("l2net-cs", ckpt_dir / "cs.pt").net.eval()
     with torch.no_grad():
         want = net(extract_patches(img, xy, size, angle, patch_size=64, window_factor=2))
-        ctx = extract_patches(img, xy, size, angle, patch_size=CONTEXT_PX,
-                              window_factor=CONTEXT)
-        sur = extract_patches(img, xy, size, angle, patch_size=CONTEXT_PX,
-                              window_factor=2 * CONTEXT)
+        ctx = extract_patches(img, xy, size, angle, patch_size=CONTEXT_PX, window_factor=CONTEXT)
+        sur = extract_patches(
+            img, xy, size, angle, patch_size=CONTEXT_PX, window_factor=2 * CONTEXT
+        )
         zero = torch.zeros(40)
         got = _teacher_descriptors(net, (ctx, sur), zero, zero)
     # The surround stream sees a coarser pyramid level where describe() averages 2x2 pixels.
@@ -319,28 +413,57 @@ def test_a_central_surround_teacher_describes_from_context_and_surround(
     # close to what the describer's --size-pool computes from the image.
     with torch.no_grad():
         pooled = _teacher_descriptors(net, (ctx, sur), zero, zero, (0.7, 1.4))
-        parts = [_teacher_descriptors(net, (ctx, sur), zero, zero + math.log(f))
-                 for f in (0.7, 1.4)]
-        want = net(torch.cat([extract_patches(img, xy, size * f, angle, patch_size=64,
-                                              window_factor=2) for f in (0.7, 1.4)]))
+        parts = [
+            _teacher_descriptors(net, (ctx, sur), zero, zero + math.log(f)) for f in (0.7, 1.4)
+        ]
+        want = net(
+            torch.cat(
+                [
+                    extract_patches(img, xy, size * f, angle, patch_size=64, window_factor=2)
+                    for f in (0.7, 1.4)
+                ]
+            )
+        )
     torch.testing.assert_close(pooled, torch.nn.functional.normalize(parts[0] + parts[1]))
     want = torch.nn.functional.normalize(want[:40] + want[40:])
     assert float((pooled * want).sum(1).min()) > 0.95
     assert float((pooled * got).sum(1).mean()) < 0.999  # pooling changes the descriptor
 
 
-def test_train_frames_through_a_descriptor(tmp_path: Path, ckpt_dir: Path,
-                                           call_main: Callable[..., MainResult]) -> None:
+def test_train_frames_through_a_descriptor(
+    tmp_path: Path, ckpt_dir: Path, call_main: Callable[..., MainResult]
+) -> None:
     photos = _photos(tmp_path / "ph")
     init = _scaling_frames(tmp_path / "init.pt", math.log(1.1))
-    args = ["train", "--method", "frames", "--data", f"photos:{photos}", "--steps", "4",
-            "--batch-size", "16", "--eval-every", "2", "--max-tilt", "3", "--pair-angle", "75",
-            "--pair-scale", "1.8", "--pairs-per-image", "40", "--seed", "1",
-            "--frame-loss", "descriptor", "--rotation"]
+    args = [
+        "train",
+        "--method",
+        "frames",
+        "--data",
+        f"photos:{photos}",
+        "--steps",
+        "4",
+        "--batch-size",
+        "16",
+        "--eval-every",
+        "2",
+        "--max-tilt",
+        "3",
+        "--pair-angle",
+        "75",
+        "--pair-scale",
+        "1.8",
+        "--pairs-per-image",
+        "40",
+        "--seed",
+        "1",
+        "--frame-loss",
+        "descriptor",
+        "--rotation",
+    ]
     args_init = [*args, "--init", str(init)]
     out = tmp_path / "run"
-    code, _, err = call_main(*args_init, "--teacher", str(ckpt_dir / "sos.pt"), "--out",
-                             str(out))
+    code, _, err = call_main(*args_init, "--teacher", str(ckpt_dir / "sos.pt"), "--out", str(out))
     assert code == 0, err
     ck = torch.load(out / "frames.pt", weights_only=True)
     meta = ck["meta"]
@@ -357,9 +480,19 @@ def test_train_frames_through_a_descriptor(tmp_path: Path, ckpt_dir: Path,
     # A central-surround teacher (its pools hold the surround too), a narrower net from
     # scratch, the covariant loss added.
     cs = tmp_path / "cs"
-    code, _, err = call_main(*args, "--teacher", str(ckpt_dir / "cs.pt"), "--out", str(cs),
-                             "--width", "8", "--covariant-weight", "0.5",
-                             "--teacher-size-pool", "0.7,1.4")
+    code, _, err = call_main(
+        *args,
+        "--teacher",
+        str(ckpt_dir / "cs.pt"),
+        "--out",
+        str(cs),
+        "--width",
+        "8",
+        "--covariant-weight",
+        "0.5",
+        "--teacher-size-pool",
+        "0.7,1.4",
+    )
     assert code == 0, err
     assert load_net("frames", cs / "frames.pt").net.conf["width"] == 8
     ck = torch.load(cs / "frames.pt", weights_only=True)
@@ -369,15 +502,35 @@ def test_train_frames_through_a_descriptor(tmp_path: Path, ckpt_dir: Path,
     log = json.loads((cs / "train_log.json").read_text())
     assert all(math.isfinite(r["refined_mnn"]) for r in log)
     # Bad combinations: one line each, nothing written.
-    for extra, msg in ((["--teacher", str(init)], "not descmatch descriptor weights"),
-                       ([], "needs --teacher")):
+    for extra, msg in (
+        (["--teacher", str(init)], "not descmatch descriptor weights"),
+        ([], "needs --teacher"),
+    ):
         bad = tmp_path / f"bad{len(extra)}"
         code, _, err = call_main(*args_init, *extra, "--out", str(bad))
         assert code != 0 and msg in err and len(err.strip().splitlines()) == 1, err
         assert not bad.exists()
-    code, _, err = call_main("train", "--method", "sosnet", "--data", f"photos:{photos}",
-                             "--teacher", "sosnet", "--out", str(tmp_path / "x"))
+    code, _, err = call_main(
+        "train",
+        "--method",
+        "sosnet",
+        "--data",
+        f"photos:{photos}",
+        "--teacher",
+        "sosnet",
+        "--out",
+        str(tmp_path / "x"),
+    )
     assert code != 0 and "apply to --method frames" in err
-    code, _, err = call_main("train", "--method", "sosnet", "--data", f"photos:{photos}",
-                             "--teacher-size-pool", "auto", "--out", str(tmp_path / "x"))
+    code, _, err = call_main(
+        "train",
+        "--method",
+        "sosnet",
+        "--data",
+        f"photos:{photos}",
+        "--teacher-size-pool",
+        "auto",
+        "--out",
+        str(tmp_path / "x"),
+    )
     assert code != 0 and "apply to --method frames" in err

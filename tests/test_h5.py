@@ -27,10 +27,20 @@ from descmatch.pairs import exhaustive
 COMPLETE = "_descmatch_complete"
 
 
-def run_extract(folder: Path, out: Path, method: str = "rootsift",
-                max_keypoints: int = SMALL_KEYPOINTS, **kw: object) -> ExtractResult:
-    return extract(list_images(folder), out, build_describer(method),
-                   SiftDetector(max_keypoints=max_keypoints), **kw)  # type: ignore[arg-type]
+def run_extract(
+    folder: Path,
+    out: Path,
+    method: str = "rootsift",
+    max_keypoints: int = SMALL_KEYPOINTS,
+    **kw: object,
+) -> ExtractResult:
+    return extract(
+        list_images(folder),
+        out,
+        build_describer(method),
+        SiftDetector(max_keypoints=max_keypoints),
+        **kw,
+    )  # type: ignore[arg-type]
 
 
 def contents(path: Path) -> dict[str, dict[str, np.ndarray]]:
@@ -38,8 +48,9 @@ def contents(path: Path) -> dict[str, dict[str, np.ndarray]]:
         return {k: r.read(k) for k in r.keys}
 
 
-def assert_same_contents(a: dict[str, dict[str, np.ndarray]],
-                         b: dict[str, dict[str, np.ndarray]]) -> None:
+def assert_same_contents(
+    a: dict[str, dict[str, np.ndarray]], b: dict[str, dict[str, np.ndarray]]
+) -> None:
     assert sorted(a) == sorted(b)
     for key in a:
         assert sorted(a[key]) == sorted(b[key]), key
@@ -76,8 +87,7 @@ def test_features_file_schema(scene_dir: Path, tmp_path: Path) -> None:
         total = 0
         for key in r.keys:
             f = r.read(key)
-            assert set(f) == {"keypoints", "descriptors", "scores", "scales", "oris",
-                              "image_size"}
+            assert set(f) == {"keypoints", "descriptors", "scores", "scales", "oris", "image_size"}
             n = f["keypoints"].shape[0]
             total += n
             assert 0 < n <= SMALL_KEYPOINTS
@@ -99,8 +109,9 @@ def test_features_file_schema(scene_dir: Path, tmp_path: Path) -> None:
         for key in ("img0.png", "sub/img0.png"):
             assert COMPLETE not in f[key].attrs  # the .part marker is not in the output
     assert check_file(out, "features")["method"] == "rootsift"
-    np.testing.assert_array_equal(read_features(out, "img1.png")["keypoints"],
-                                  contents(out)["img1.png"]["keypoints"])
+    np.testing.assert_array_equal(
+        read_features(out, "img1.png")["keypoints"], contents(out)["img1.png"]["keypoints"]
+    )
 
 
 def test_half_stores_float16(scene_dir: Path, tmp_path: Path) -> None:
@@ -138,8 +149,9 @@ def test_reader_errors(tmp_path: Path, scene_dir: Path) -> None:
 
 
 # -- resuming --------------------------------------------------------------------------------
-def test_second_run_processes_nothing_and_leaves_the_file_alone(scene_dir: Path,
-                                                                tmp_path: Path) -> None:
+def test_second_run_processes_nothing_and_leaves_the_file_alone(
+    scene_dir: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "f.h5"
     run_extract(scene_dir, out)
     before = out.read_bytes()
@@ -222,8 +234,12 @@ def test_hard_kill_leaves_a_part_file_whose_complete_groups_are_kept(tmp_path: P
     folder = tmp_path / "imgs"
     write_scenes(folder, 4)
     out = tmp_path / "f.h5"
-    proc = subprocess.run([sys.executable, "-c", _KILL_SCRIPT, str(folder), str(out),
-                           str(SMALL_KEYPOINTS)], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", _KILL_SCRIPT, str(folder), str(out), str(SMALL_KEYPOINTS)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 9, proc.stderr
     assert not out.exists()  # never written in place
     part = tmp_path / "f.h5.part"
@@ -240,12 +256,15 @@ def test_hard_kill_leaves_a_part_file_whose_complete_groups_are_kept(tmp_path: P
 
 def _attrs_of(path: Path) -> dict[str, object]:
     with Reader(path, "features") as r:
-        return {k: r.attrs[k] for k in ("method", "descriptor_dim", "weights",
-                                        "weights_sha256", "settings")}
+        return {
+            k: r.attrs[k]
+            for k in ("method", "descriptor_dim", "weights", "weights_sha256", "settings")
+        }
 
 
-def test_part_file_of_a_killed_run_next_to_an_existing_output(scene_dir: Path,
-                                                              tmp_path: Path) -> None:
+def test_part_file_of_a_killed_run_next_to_an_existing_output(
+    scene_dir: Path, tmp_path: Path
+) -> None:
     """Output with img0, img1; a killed run wrote img2 completely and img3 half-way."""
     out = tmp_path / "f.h5"
     clean = tmp_path / "clean.h5"
@@ -286,8 +305,11 @@ def test_unreadable_part_file_is_discarded(scene_dir: Path, tmp_path: Path) -> N
 
 def test_part_file_of_another_method_is_refused(scene_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "f.h5"
-    w = Writer(out, "features", {"method": "sift", "descriptor_dim": 128,
-                                 "weights_sha256": "", "settings": "{}"})
+    w = Writer(
+        out,
+        "features",
+        {"method": "sift", "descriptor_dim": 128, "weights_sha256": "", "settings": "{}"},
+    )
     w.write("img0.png", {"keypoints": np.zeros((0, 2), np.float32)})
     w._part_file().close()
     part = tmp_path / "f.h5.part"
@@ -329,18 +351,31 @@ def _matches_file(path: Path, scene_dir: Path) -> None:
     match(feats, exhaustive(["img0.png", "img1.png"]), path)
 
 
-@pytest.mark.parametrize("make,expect", [
-    (lambda p, d: _not_hdf5(p), "HDF5"),
-    (lambda p, d: _foreign_hdf5(p), "descmatch_schema"),
-    (_other_version, "version"),
-    (_other_method, "method"),
-    (_other_settings, "settings"),
-    (_matches_file, "matches"),
-], ids=["not-hdf5", "foreign-hdf5", "other-version", "other-method", "other-settings",
-        "matches-file"])
-def test_existing_output_that_does_not_fit_is_refused_and_kept(make, expect: str,  # type: ignore[no-untyped-def]
-                                                               scene_dir: Path,
-                                                               tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "make,expect",
+    [
+        (lambda p, d: _not_hdf5(p), "HDF5"),
+        (lambda p, d: _foreign_hdf5(p), "descmatch_schema"),
+        (_other_version, "version"),
+        (_other_method, "method"),
+        (_other_settings, "settings"),
+        (_matches_file, "matches"),
+    ],
+    ids=[
+        "not-hdf5",
+        "foreign-hdf5",
+        "other-version",
+        "other-method",
+        "other-settings",
+        "matches-file",
+    ],
+)
+def test_existing_output_that_does_not_fit_is_refused_and_kept(
+    make,
+    expect: str,  # type: ignore[no-untyped-def]
+    scene_dir: Path,
+    tmp_path: Path,
+) -> None:
     out = tmp_path / "features.h5"
     make(out, scene_dir)
     before = out.read_bytes()
@@ -377,8 +412,9 @@ def test_output_below_a_regular_file(scene_dir: Path, tmp_path: Path) -> None:
     assert str(blocker) in str(e.value)
 
 
-@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0,
-                    reason="needs POSIX permissions and a non-root user")
+@pytest.mark.skipif(
+    os.name != "posix" or os.geteuid() == 0, reason="needs POSIX permissions and a non-root user"
+)
 def test_output_folder_not_writable(scene_dir: Path, tmp_path: Path) -> None:
     ro = tmp_path / "ro"
     ro.mkdir()

@@ -30,9 +30,11 @@ def names_to_pair(name0: str, name1: str, separator: str = "/") -> str:
 def list_h5_names(path: Path) -> list[str]:
     names = []
     with h5py.File(str(path), "r", libver="latest") as fd:
+
         def visit_fn(_: str, obj: object) -> None:
             if isinstance(obj, h5py.Dataset):
                 names.append(obj.parent.name.strip("/"))
+
         fd.visititems(visit_fn)
     return list(set(names))
 
@@ -81,8 +83,11 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path, l
 
 def test_hloc_reads_our_features(files: tuple[Path, Path, Path, list[str]]) -> None:
     imgs, feats, _, names = files
-    assert sorted(list_h5_names(feats)) == sorted(names) == ["img0.png", "sub/img0.png",
-                                                             "sub/img1.png"]
+    assert (
+        sorted(list_h5_names(feats))
+        == sorted(names)
+        == ["img0.png", "sub/img0.png", "sub/img1.png"]
+    )
     with h5py.File(feats, "r") as f:
         for n in names:
             g = f[n]
@@ -100,8 +105,9 @@ def test_hloc_reads_our_matches(files: tuple[Path, Path, Path, list[str]]) -> No
     _, feats, matches, names = files
     with h5py.File(matches, "r") as f:
         keys = []
-        f.visititems(lambda k, o: keys.append(k) if isinstance(o, h5py.Group)
-                     and "matches0" in o else None)
+        f.visititems(
+            lambda k, o: keys.append(k) if isinstance(o, h5py.Group) and "matches0" in o else None
+        )
         assert sorted(keys) == sorted(names_to_pair(a, b) for a, b in exhaustive(names))
         assert "sub-img0.png/sub-img1.png" in keys
         for k in keys:

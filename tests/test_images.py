@@ -101,7 +101,8 @@ def test_text_list_with_absolute_paths(tree: Path, tmp_path: Path) -> None:
     lst.write_text(f"{tree / 'sub' / 'c.jpg'}\n{other}\n")
     il = list_images(lst)
     assert sorted(il.path(n).resolve() for n in il.names) == sorted(
-        [(tree / "sub" / "c.jpg").resolve(), other.resolve()])
+        [(tree / "sub" / "c.jpg").resolve(), other.resolve()]
+    )
     for name in il.names:
         assert not Path(name).is_absolute()
         assert il.path(name).is_file()
@@ -113,7 +114,9 @@ def test_text_list_mixing_relative_and_absolute(tree: Path) -> None:
     lst.write_text(f"a.png\n{(tree / 'sub' / 'c.jpg').resolve()}\n")
     il = list_images(lst)
     assert [il.path(n).resolve() for n in il.names] == [
-        (tree / "a.png").resolve(), (tree / "sub" / "c.jpg").resolve()]
+        (tree / "a.png").resolve(),
+        (tree / "sub" / "c.jpg").resolve(),
+    ]
 
 
 def test_text_list_naming_a_missing_image(tree: Path) -> None:
@@ -180,8 +183,7 @@ def test_gray_png_is_float_in_unit_range(tmp_path: Path, gray8: np.ndarray) -> N
     assert img.min() == 0.0 and img.max() == 1.0
 
 
-def test_colour_alpha_and_16bit_read_as_the_same_gray(tmp_path: Path, gray8: np.ndarray
-                                                      ) -> None:
+def test_colour_alpha_and_16bit_read_as_the_same_gray(tmp_path: Path, gray8: np.ndarray) -> None:
     ref = gray8 / 255.0
     bgr = np.repeat(gray8[..., None], 3, axis=2)
     bgra = np.concatenate([bgr, np.full_like(gray8, 77)[..., None]], axis=2)
@@ -192,11 +194,16 @@ def test_colour_alpha_and_16bit_read_as_the_same_gray(tmp_path: Path, gray8: np.
         "colour16.png": lambda p: cv2.imwrite(str(p), bgr.astype(np.uint16) * 257),
         "gray.bmp": lambda p: cv2.imwrite(str(p), gray8),
         "gray.tif": lambda p: cv2.imwrite(str(p), gray8),
-        "gray-alpha.png": lambda p: p.write_bytes(png_bytes(
-            np.stack([gray8, np.full_like(gray8, 200)], -1), color_type=4)),
-        "gray-alpha16.png": lambda p: p.write_bytes(png_bytes(
-            np.stack([gray8.astype(np.uint16) * 257, np.full(gray8.shape, 9, np.uint16)], -1),
-            color_type=4, bit_depth=16)),
+        "gray-alpha.png": lambda p: p.write_bytes(
+            png_bytes(np.stack([gray8, np.full_like(gray8, 200)], -1), color_type=4)
+        ),
+        "gray-alpha16.png": lambda p: p.write_bytes(
+            png_bytes(
+                np.stack([gray8.astype(np.uint16) * 257, np.full(gray8.shape, 9, np.uint16)], -1),
+                color_type=4,
+                bit_depth=16,
+            )
+        ),
     }
     for name, write in files.items():
         p = tmp_path / name
@@ -256,13 +263,16 @@ def test_truncated_png_names_the_file(tmp_path: Path, scene: np.ndarray) -> None
     assert str(p) in str(e.value)
 
 
-@pytest.mark.parametrize("name,content", [
-    ("random.jpg", np.random.default_rng(0).bytes(5000)),
-    ("markers-ok.jpg", b"\xff\xd8" + np.random.default_rng(1).bytes(3000) + b"\xff\xd9"),
-    ("text.png", b"this is not a png, but ends in IEND\n"),
-    ("empty.png", b""),
-    ("garbage.bmp", b"BM" + np.random.default_rng(2).bytes(100)),
-])
+@pytest.mark.parametrize(
+    "name,content",
+    [
+        ("random.jpg", np.random.default_rng(0).bytes(5000)),
+        ("markers-ok.jpg", b"\xff\xd8" + np.random.default_rng(1).bytes(3000) + b"\xff\xd9"),
+        ("text.png", b"this is not a png, but ends in IEND\n"),
+        ("empty.png", b""),
+        ("garbage.bmp", b"BM" + np.random.default_rng(2).bytes(100)),
+    ],
+)
 def test_corrupt_file_names_the_file(tmp_path: Path, name: str, content: bytes) -> None:
     p = tmp_path / name
     p.write_bytes(content)
@@ -280,8 +290,9 @@ def test_unreadable_path_names_the_file(tmp_path: Path) -> None:
         read_image(tmp_path)  # a folder
 
 
-def test_jpeg_with_trailing_data_after_end_marker_is_valid(tmp_path: Path,
-                                                           scene: np.ndarray) -> None:
+def test_jpeg_with_trailing_data_after_end_marker_is_valid(
+    tmp_path: Path, scene: np.ndarray
+) -> None:
     ok, buf = cv2.imencode(".jpg", scene, [cv2.IMWRITE_JPEG_QUALITY, 95])
     p = tmp_path / "motion.jpg"
     p.write_bytes(buf.tobytes() + bytes(8192))
@@ -305,8 +316,7 @@ def test_tiny_and_flat_images_extract_to_empty_groups(tmp_path: Path) -> None:
     cv2.imwrite(str(d / "b.png"), np.zeros((1, 1), np.uint8))
     cv2.imwrite(str(d / "c.png"), np.full((40, 40), 128, np.uint8))
     out = tmp_path / "f.h5"
-    res = extract(list_images(d), out, build_describer("rootsift"),
-                  SiftDetector(max_keypoints=50))
+    res = extract(list_images(d), out, build_describer("rootsift"), SiftDetector(max_keypoints=50))
     assert res.images == 3 and res.keypoints == 0 and not res.failed
     for name, size in [("a.png", (5, 5)), ("b.png", (1, 1)), ("c.png", (40, 40))]:
         f = read_features(out, name)

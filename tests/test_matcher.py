@@ -22,14 +22,20 @@ from descmatch.match import DEFAULT_RATIO, match, match_descriptors
 from descmatch.pairs import exhaustive, pairs_from_spec, read_pairs, sequential
 
 
-def reference(a: np.ndarray, b: np.ndarray, ratio: float | None, mutual: bool,
-              scale: float = 1.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def reference(
+    a: np.ndarray, b: np.ndarray, ratio: float | None, mutual: bool, scale: float = 1.0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Brute force in float64: matches, scores, and a mask of rows whose outcome is decided
     by a margin far above float32 rounding (the rows a float32 matcher must get right);
     ``scale``: the descriptors' typical norm, which the margins scale with."""
     a64, b64 = a.astype(np.float64), b.astype(np.float64)
-    d = np.concatenate([((a64[s:s + 64, None, :] - b64[None, :, :]) ** 2).sum(-1)
-                        for s in range(0, len(a64), 64)] or [np.zeros((0, len(b64)))])
+    d = np.concatenate(
+        [
+            ((a64[s : s + 64, None, :] - b64[None, :, :]) ** 2).sum(-1)
+            for s in range(0, len(a64), 64)
+        ]
+        or [np.zeros((0, len(b64)))]
+    )
     d[np.isnan(d)] = np.inf
     n0, n1 = d.shape
     m = np.full(n0, -1, np.int64)
@@ -91,14 +97,14 @@ SIZES = [(1, 5, 8), (5, 1, 8), (2, 2, 4), (40, 30, 16), (120, 200, 128), (257, 1
 @pytest.mark.parametrize("ratio", [None, 0.8, DEFAULT_RATIO])
 @pytest.mark.parametrize("mutual", [True, False])
 @PRECISIONS
-def test_matches_brute_force_reference(n0: int, n1: int, dim: int, ratio: float | None,
-                                       mutual: bool, precision: str) -> None:
+def test_matches_brute_force_reference(
+    n0: int, n1: int, dim: int, ratio: float | None, mutual: bool, precision: str
+) -> None:
     a, b = descriptors(n0, n1, dim, seed=n0 * 1000 + n1)
     ref_m, ref_s, clear = reference(a, b, ratio, mutual)
     assert clear.mean() > 0.9
     for max_elements in (1 << 26, 37, 1):  # one chunk, many chunks, one row per chunk
-        m, s = run(a, b, ratio=ratio, mutual=mutual, max_elements=max_elements,
-                   precision=precision)
+        m, s = run(a, b, ratio=ratio, mutual=mutual, max_elements=max_elements, precision=precision)
         np.testing.assert_array_equal(m[clear], ref_m[clear])
         np.testing.assert_allclose(s[clear], ref_s[clear], atol=1e-5)
         assert np.all(s[m < 0] == 0)
@@ -215,8 +221,14 @@ def test_nan_rows_never_match(precision: str) -> None:
     b_copy[0] = np.nan
     for ratio, mutual in [(None, False), (None, True), (DEFAULT_RATIO, True)]:
         for max_elements in (1 << 26, 37):
-            m, s = run(a, b_copy, ratio=ratio, mutual=mutual, max_elements=max_elements,
-                       precision=precision)
+            m, s = run(
+                a,
+                b_copy,
+                ratio=ratio,
+                mutual=mutual,
+                max_elements=max_elements,
+                precision=precision,
+            )
             assert m[4] == -1 and m[11] == -1 and s[4] == 0 and s[11] == 0
             assert 0 not in m.tolist()  # the NaN column is nobody's match
             assert np.isfinite(s).all()
@@ -240,8 +252,9 @@ def test_different_descriptor_sizes_raise() -> None:
 def test_half_precision_inputs(precision: str) -> None:
     a, b = descriptors(60, 50, 32, seed=9)
     m32, _ = run(a, b)
-    m16, s16 = match_descriptors(torch.from_numpy(a).half(), torch.from_numpy(b).half(),
-                                 precision=precision)
+    m16, s16 = match_descriptors(
+        torch.from_numpy(a).half(), torch.from_numpy(b).half(), precision=precision
+    )
     assert s16.dtype == torch.float32
     assert (m16.numpy() == m32).mean() > 0.95
 
@@ -280,8 +293,9 @@ def _mirror(rng: np.random.Generator, x: np.ndarray) -> np.ndarray:
 NEAR_TIES = [("unit", 1.0), ("free", 1.0), ("large", 450.0)]  # kind, typical norm
 
 
-def near_ties(kind: str, seed: int, n: int = 240, extra: int = 17, dim: int = 64,
-              ratio: float = DEFAULT_RATIO) -> tuple[np.ndarray, np.ndarray]:
+def near_ties(
+    kind: str, seed: int, n: int = 240, extra: int = 17, dim: int = 64, ratio: float = DEFAULT_RATIO
+) -> tuple[np.ndarray, np.ndarray]:
     """n rows, n + extra columns whose decisions hinge on squared distances 0.1-0.5 % apart:
     far above float32 rounding, far below bf16's. With m = n // 6: rows 0..m-1 have two
     nearly equidistant nearest columns; rows m..2m-1 their second nearest column at the
@@ -329,30 +343,33 @@ def near_ties(kind: str, seed: int, n: int = 240, extra: int = 17, dim: int = 64
 
 
 @pytest.mark.parametrize("kind,scale", NEAR_TIES)
-@pytest.mark.parametrize("ratio,mutual", [(DEFAULT_RATIO, True), (DEFAULT_RATIO, False),
-                                          (None, True), (None, False)])
+@pytest.mark.parametrize(
+    "ratio,mutual", [(DEFAULT_RATIO, True), (DEFAULT_RATIO, False), (None, True), (None, False)]
+)
 def test_reduced_precision_decides_near_ties_as_float64(
-        kind: str, scale: float, ratio: float | None, mutual: bool, threads: int) -> None:
+    kind: str, scale: float, ratio: float | None, mutual: bool, threads: int
+) -> None:
     a, b = near_ties(kind, seed=len(kind))
     ref_m, ref_s, clear = reference(a, b, ratio, mutual, scale)
     assert clear.mean() > 0.8
     m32, _ = run(a, b, ratio=ratio, mutual=mutual, precision="fp32")
     np.testing.assert_array_equal(m32[clear], ref_m[clear])
     for max_elements in (1 << 26, 999, 1):
-        m, s = run(a, b, ratio=ratio, mutual=mutual, max_elements=max_elements,
-                   precision="bf16")
+        m, s = run(a, b, ratio=ratio, mutual=mutual, max_elements=max_elements, precision="bf16")
         np.testing.assert_array_equal(m[clear], ref_m[clear])
         assert (m == m32).mean() > 0.99  # elsewhere float32 rounding decides
         np.testing.assert_allclose(s[clear], np.clip(ref_s[clear], -1, 1), atol=1e-5)
         assert np.all(s[m < 0] == 0)
 
 
-def naive_bf16(a: np.ndarray, b: np.ndarray, ratio: float | None, mutual: bool
-               ) -> np.ndarray:
+def naive_bf16(a: np.ndarray, b: np.ndarray, ratio: float | None, mutual: bool) -> np.ndarray:
     """The shortcut: squared distances from one bf16 product, decided as they come."""
     ta, tb = torch.from_numpy(a), torch.from_numpy(b)
-    d = ((ta * ta).sum(1)[:, None] + (tb * tb).sum(1)[None, :]
-         - 2 * (ta.bfloat16() @ tb.bfloat16().t()).float()).numpy()
+    d = (
+        (ta * ta).sum(1)[:, None]
+        + (tb * tb).sum(1)[None, :]
+        - 2 * (ta.bfloat16() @ tb.bfloat16().t()).float()
+    ).numpy()
     order = np.argsort(d, axis=1, kind="stable")
     rows = np.arange(len(a))
     nn = order[:, 0]
@@ -385,13 +402,13 @@ def test_near_ties_are_beyond_bf16(kind: str, scale: float) -> None:
 
 
 def test_reduced_precision_falls_back_to_float32_only_where_needed(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """Near ties send rows and columns to float32; well separated descriptors none."""
     calls: list[tuple[int, int]] = []
     sq_dist = match_module._sq_dist
 
-    def spy(x: torch.Tensor, nx: torch.Tensor, yt: torch.Tensor, ny: torch.Tensor
-            ) -> torch.Tensor:
+    def spy(x: torch.Tensor, nx: torch.Tensor, yt: torch.Tensor, ny: torch.Tensor) -> torch.Tensor:
         calls.append((x.shape[0], yt.shape[1]))
         return sq_dist(x, nx, yt, ny)
 
@@ -407,8 +424,7 @@ def test_reduced_precision_falls_back_to_float32_only_where_needed(
     calls.clear()
     rng = np.random.default_rng(5)
     a = _unit_rows(rng, 400, 128)
-    b = np.concatenate([a[:200] + 0.05 * rng.normal(size=(200, 128)),
-                        _unit_rows(rng, 200, 128)])
+    b = np.concatenate([a[:200] + 0.05 * rng.normal(size=(200, 128)), _unit_rows(rng, 200, 128)])
     b /= np.linalg.norm(b, axis=1, keepdims=True)
     m, _ = run(a.astype(np.float32), b.astype(np.float32), precision="bf16")
     assert calls == []
@@ -521,16 +537,19 @@ def test_reduced_precision_on_cuda(precision: str, kind: str, scale: float) -> N
     ref_m, ref_s, clear = reference(a, b, DEFAULT_RATIO, True, scale)
     assert clear.mean() > 0.8
     for max_elements in (1 << 26, 9999):
-        m, s = match_descriptors(torch.from_numpy(a).cuda(), torch.from_numpy(b).cuda(),
-                                 max_elements=max_elements, precision=precision)
+        m, s = match_descriptors(
+            torch.from_numpy(a).cuda(),
+            torch.from_numpy(b).cuda(),
+            max_elements=max_elements,
+            precision=precision,
+        )
         m, s = m.cpu().numpy(), s.cpu().numpy()
         np.testing.assert_array_equal(m[clear], ref_m[clear])
         np.testing.assert_allclose(s[clear], np.clip(ref_s[clear], -1, 1), atol=1e-5)
 
 
 # -- the match stage -------------------------------------------------------------------------
-def test_match_stage_writes_what_the_matcher_finds(example_features: Path, tmp_path: Path
-                                                   ) -> None:
+def test_match_stage_writes_what_the_matcher_finds(example_features: Path, tmp_path: Path) -> None:
     names = ["view1.jpg", "view2.jpg", "view3.jpg"]
     out = tmp_path / "matches.h5"
     res = match(example_features, exhaustive(names), out)
@@ -556,8 +575,7 @@ def test_match_stage_writes_what_the_matcher_finds(example_features: Path, tmp_p
         read_matches(out, "view2.jpg", "view1.jpg")
 
 
-def test_match_stage_resumes_and_checks_settings(example_features: Path, tmp_path: Path
-                                                 ) -> None:
+def test_match_stage_resumes_and_checks_settings(example_features: Path, tmp_path: Path) -> None:
     names = ["view1.jpg", "view2.jpg", "view3.jpg"]
     out = tmp_path / "m.h5"
     first = match(example_features, sequential(names, 1), out)
@@ -567,8 +585,7 @@ def test_match_stage_resumes_and_checks_settings(example_features: Path, tmp_pat
     assert again.matched == 0 and again.skipped == 2
     assert out.read_bytes() == before
     # Reversed pairs count as done; the missing pair is added.
-    more = match(example_features, [("view2.jpg", "view1.jpg"), ("view1.jpg", "view3.jpg")],
-                 out)
+    more = match(example_features, [("view2.jpg", "view1.jpg"), ("view1.jpg", "view3.jpg")], out)
     assert more.skipped == 1 and more.matched == 1
     with Reader(out, "matches") as r:
         assert len(r.keys) == 3
@@ -577,8 +594,7 @@ def test_match_stage_resumes_and_checks_settings(example_features: Path, tmp_pat
     assert len(Reader(out, "matches").keys) == 3
 
 
-def test_match_stage_rejects_unknown_images(
-        example_features: Path, tmp_path: Path) -> None:
+def test_match_stage_rejects_unknown_images(example_features: Path, tmp_path: Path) -> None:
     with pytest.raises(InputError, match="nope.jpg"):
         match(example_features, [("view1.jpg", "nope.jpg")], tmp_path / "m.h5")
     assert not (tmp_path / "m.h5").exists()
@@ -588,8 +604,12 @@ def test_match_stage_with_nested_image_names(tmp_path: Path) -> None:
     write_scenes(tmp_path / "imgs" / "a", 1, first_seed=3)
     write_scenes(tmp_path / "imgs" / "b", 1, first_seed=3)  # the same scene
     feats = tmp_path / "f.h5"
-    extract(list_images(tmp_path / "imgs"), feats, build_describer("rootsift"),
-            SiftDetector(max_keypoints=100))
+    extract(
+        list_images(tmp_path / "imgs"),
+        feats,
+        build_describer("rootsift"),
+        SiftDetector(max_keypoints=100),
+    )
     out = tmp_path / "m.h5"
     match(feats, [("a/img0.png", "b/img0.png")], out)
     with Reader(out, "matches") as r:
@@ -604,8 +624,13 @@ def test_pairs_specs() -> None:
     assert pairs_from_spec("exhaustive", names) == exhaustive(names)
     assert len(exhaustive(names)) == 6
     assert pairs_from_spec("sequential:1", names) == [("a", "b"), ("b", "c"), ("c", "d")]
-    assert pairs_from_spec("sequential:2", names) == [("a", "b"), ("a", "c"), ("b", "c"),
-                                                      ("b", "d"), ("c", "d")]
+    assert pairs_from_spec("sequential:2", names) == [
+        ("a", "b"),
+        ("a", "c"),
+        ("b", "c"),
+        ("b", "d"),
+        ("c", "d"),
+    ]
     assert pairs_from_spec("sequential", names) == exhaustive(names)  # default window 5
     for bad in ("sequential:0", "sequential:x", "no-such-pairs-file.txt"):
         with pytest.raises(InputError, match=bad.split(":")[0]):

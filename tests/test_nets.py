@@ -63,10 +63,9 @@ def test_central_surround_starts_from_its_plain_net(cs: str, plain: str) -> None
     net.eval()
     x = torch.rand(5, 1, 64, 64)
     with torch.inference_mode():
-        y = net(x) * 2 ** 0.5
+        y = net(x) * 2**0.5
         assert torch.allclose(y[:, :128], base(x[:, :, 16:48, 16:48]), atol=1e-5)
-        assert torch.allclose(y[:, 128:], base(torch.nn.functional.avg_pool2d(x, 2)),
-                              atol=1e-5)
+        assert torch.allclose(y[:, 128:], base(torch.nn.functional.avg_pool2d(x, 2)), atol=1e-5)
     other = "sosnet" if plain == "l2net" else "l2net"
     with pytest.raises(ConfigError, match=f"starts from {plain} weights, not {other}"):
         init_central_surround(net, build_net(other))  # type: ignore[arg-type]

@@ -23,7 +23,7 @@ from descmatch.patches import (
 def _disk_image(h: int, w: int, cx: float, cy: float, r: float) -> np.ndarray:
     """A white anti-aliased disk on black (supersampled). Shape: (h,w) float32."""
     ss = 4
-    y, x = np.mgrid[0:h * ss, 0:w * ss].astype(np.float32)
+    y, x = np.mgrid[0 : h * ss, 0 : w * ss].astype(np.float32)
     x = (x + 0.5) / ss - 0.5
     y = (y + 0.5) / ss - 0.5
     inside = ((x - cx) ** 2 + (y - cy) ** 2 <= r * r).astype(np.float32)
@@ -39,18 +39,22 @@ def test_output_shape_and_dtype(scene: np.ndarray) -> None:
     p = extract_patches(img, xy, size, angle)
     assert p.shape == (4, 1, 32, 32) and p.dtype == torch.float32
     assert torch.isfinite(p).all() and p.min() >= 0 and p.max() <= 1
-    p64 = extract_patches(torch.from_numpy(img), xy, size, None, patch_size=64,
-                          window_factor=2.0)
+    p64 = extract_patches(torch.from_numpy(img), xy, size, None, patch_size=64, window_factor=2.0)
     assert p64.shape == (4, 1, 64, 64)
 
 
 def test_zero_keypoints_give_an_empty_batch(scene: np.ndarray) -> None:
     img = scene.astype(np.float32) / 255
-    p = extract_patches(img, np.zeros((0, 2), np.float32), np.zeros(0, np.float32),
-                        np.zeros(0, np.float32))
+    p = extract_patches(
+        img, np.zeros((0, 2), np.float32), np.zeros(0, np.float32), np.zeros(0, np.float32)
+    )
     assert p.shape == (0, 1, 32, 32)
     assert extract_patches(img, np.zeros((0, 2)), np.zeros(0), patch_size=64).shape == (
-        0, 1, 64, 64)
+        0,
+        1,
+        64,
+        64,
+    )
 
 
 def test_rejects_colour_images() -> None:
@@ -70,8 +74,9 @@ def test_default_window_is_documented_constant() -> None:
 
 
 # -- window scale and orientation ------------------------------------------------------------
-@pytest.mark.parametrize("size,mr_size", [(3.0, 6.0), (4.0, 10.0), (10.0, 6.0), (16.0, 10.0),
-                                          (30.0, 6.0)])
+@pytest.mark.parametrize(
+    "size,mr_size", [(3.0, 6.0), (4.0, 10.0), (10.0, 6.0), (16.0, 10.0), (30.0, 6.0)]
+)
 def test_window_covers_mr_size_times_size(size: float, mr_size: float) -> None:
     window = mr_size * size
     r_patch = 9.0  # disk radius wanted in the patch
@@ -79,8 +84,9 @@ def test_window_covers_mr_size_times_size(size: float, mr_size: float) -> None:
     h, w = 400, 440
     cx, cy = 201.3, 187.6
     img = _disk_image(h, w, cx, cy, r)
-    p = extract_patches(img, np.array([[cx, cy]], np.float32), np.array([size]),
-                        np.array([33.0]), mr_size=mr_size)[0, 0].numpy()
+    p = extract_patches(
+        img, np.array([[cx, cy]], np.float32), np.array([size]), np.array([33.0]), mr_size=mr_size
+    )[0, 0].numpy()
     # The level the window is sampled from, as documented.
     assert pyramid_levels_for(size, mr_size) == max(0, round(np.log2(window / 32)))
     radius = np.sqrt(p.sum() / np.pi)  # area of a (blurred) disk is preserved
@@ -101,8 +107,9 @@ def test_orientation_points_along_patch_x(angle: float) -> None:
     cx, cy, dist = 100.0, 100.0, 18.0
     t = np.deg2rad(angle)
     img = _disk_image(h, w, cx + dist * np.cos(t), cy + dist * np.sin(t), 3.0)
-    p = extract_patches(img, np.array([[cx, cy]]), np.array([10.0]), np.array([angle]),
-                        mr_size=6.0)[0, 0].numpy()
+    p = extract_patches(
+        img, np.array([[cx, cy]]), np.array([10.0]), np.array([angle]), mr_size=6.0
+    )[0, 0].numpy()
     yy, xx = np.mgrid[0:32, 0:32]
     col = (p * xx).sum() / p.sum()
     row = (p * yy).sum() / p.sum()
@@ -117,8 +124,7 @@ def odd_scene() -> np.ndarray:
     return render_scene(320, 256, seed=3)[:255, :257].astype(np.float32) / 255
 
 
-def test_rot90_with_exactly_mapped_keypoints_gives_the_same_patches(odd_scene: np.ndarray
-                                                                    ) -> None:
+def test_rot90_with_exactly_mapped_keypoints_gives_the_same_patches(odd_scene: np.ndarray) -> None:
     img = odd_scene
     w = img.shape[1]
     rot = np.ascontiguousarray(np.rot90(img))  # (x, y) -> (y, W-1-x), angle -> angle - 90
@@ -197,13 +203,13 @@ def test_pyramid_stops_at_min_side() -> None:
 
 # -- central surround ------------------------------------------------------------------------
 @pytest.mark.parametrize("mr_size", [6.0, DEFAULT_MR_SIZE])
-def test_central_surround_centre_crop_is_the_plain_patch(scene: np.ndarray, mr_size: float
-                                                         ) -> None:
+def test_central_surround_centre_crop_is_the_plain_patch(scene: np.ndarray, mr_size: float) -> None:
     img = scene.astype(np.float32) / 255
     kps = SiftDetector(max_keypoints=150)(img)
     p32 = extract_patches(img, kps.xy, kps.size, kps.angle, mr_size=mr_size)
-    p64 = extract_patches(img, kps.xy, kps.size, kps.angle, patch_size=64, mr_size=mr_size,
-                          window_factor=2.0)
+    p64 = extract_patches(
+        img, kps.xy, kps.size, kps.angle, patch_size=64, mr_size=mr_size, window_factor=2.0
+    )
     assert p64.shape == (len(kps), 1, 64, 64)
     centre = p64[:, :, 16:48, 16:48]
     assert (centre - p32).abs().max() < 1e-3
@@ -223,13 +229,25 @@ def test_affine_shape_follows_an_affine_warp() -> None:
     rot = np.array([[np.cos(phi), -np.sin(phi)], [np.sin(phi), np.cos(phi)]])
     lin = rot @ np.diag([t, 1 / t]) @ rot.T
     off = np.array([160.0, 128.0]) - lin @ np.array([160.0, 128.0])  # about the centre
-    warped = cv2.warpAffine(img, np.hstack([lin, off[:, None]]), (320, 256),
-                            flags=cv2.INTER_CUBIC, borderMode=cv2.BORDER_REFLECT)
+    warped = cv2.warpAffine(
+        img,
+        np.hstack([lin, off[:, None]]),
+        (320, 256),
+        flags=cv2.INTER_CUBIC,
+        borderMode=cv2.BORDER_REFLECT,
+    )
     kps = SiftDetector(max_keypoints=300)(img)
     xy = kps.xy @ lin.T + off
-    keep = ((kps.size > 2.5) & (kps.size < 6) & (xy.min(1) > 50) & (xy[:, 0] < 270)
-            & (xy[:, 1] < 206) & (kps.xy.min(1) > 50) & (kps.xy[:, 0] < 270)
-            & (kps.xy[:, 1] < 206))
+    keep = (
+        (kps.size > 2.5)
+        & (kps.size < 6)
+        & (xy.min(1) > 50)
+        & (xy[:, 0] < 270)
+        & (xy[:, 1] < 206)
+        & (kps.xy.min(1) > 50)
+        & (kps.xy[:, 0] < 270)
+        & (kps.xy[:, 1] < 206)
+    )
     assert keep.sum() >= 20
     xy0, size, angle = kps.xy[keep], kps.size[keep], kps.angle[keep]
     p0 = extract_patches(img, xy0, size, angle)

@@ -24,16 +24,22 @@ from descmatch.patches import DEFAULT_MR_SIZE, build_pyramid, extract_patches, p
 TOL = 5e-4  # float32 rounding of the sampling positions (atlas vs per-level coordinates)
 
 
-def reference_patches(levels: list[torch.Tensor], xy: np.ndarray, size: np.ndarray,
-                      angle: np.ndarray | None, patch_size: int = 32,
-                      mr_size: float = DEFAULT_MR_SIZE, window_factor: float = 1.0
-                      ) -> torch.Tensor:
+def reference_patches(
+    levels: list[torch.Tensor],
+    xy: np.ndarray,
+    size: np.ndarray,
+    angle: np.ndarray | None,
+    patch_size: int = 32,
+    mr_size: float = DEFAULT_MR_SIZE,
+    window_factor: float = 1.0,
+) -> torch.Tensor:
     """One grid_sample per pyramid level, "border" padding on the level alone."""
     xy_t = torch.as_tensor(xy, dtype=torch.float32).reshape(-1, 2)
     n = xy_t.shape[0]
     size_t = torch.as_tensor(size, dtype=torch.float32).reshape(n)
-    ang_t = torch.zeros(n) if angle is None else torch.as_tensor(angle,
-                                                                 dtype=torch.float32).reshape(n)
+    ang_t = (
+        torch.zeros(n) if angle is None else torch.as_tensor(angle, dtype=torch.float32).reshape(n)
+    )
     window = size_t * (mr_size * window_factor)
     step = (window / patch_size).clamp_min(1e-6)
     level = torch.round(torch.log2(step)).clamp(0, len(levels) - 1).long()
@@ -51,8 +57,13 @@ def reference_patches(levels: list[torch.Tensor], xy: np.ndarray, size: np.ndarr
         h, w = im.shape[-2:]
         p = pts[idx] / float(2**lvl)
         grid = torch.stack([(p[..., 0] + 0.5) / w * 2 - 1, (p[..., 1] + 0.5) / h * 2 - 1], -1)
-        s = F.grid_sample(im, grid.view(1, -1, patch_size, 2), mode="bilinear",
-                          padding_mode="border", align_corners=False)
+        s = F.grid_sample(
+            im,
+            grid.view(1, -1, patch_size, 2),
+            mode="bilinear",
+            padding_mode="border",
+            align_corners=False,
+        )
         out[idx] = s.view(-1, 1, patch_size, patch_size)
     return out
 
@@ -67,8 +78,9 @@ def torch_pyramid(image: torch.Tensor, min_side: int = 16) -> list[torch.Tensor]
 PATHS = ["remap", "grid_sample", "autograd"]
 
 
-def run_path(path: str, monkeypatch: pytest.MonkeyPatch, img: np.ndarray, *args: object,
-             **kw: object) -> torch.Tensor:
+def run_path(
+    path: str, monkeypatch: pytest.MonkeyPatch, img: np.ndarray, *args: object, **kw: object
+) -> torch.Tensor:
     """extract_patches through one sampling path on the CPU."""
     if path == "remap":
         if not patches._remap_is_exact():
@@ -88,19 +100,20 @@ def run_path(path: str, monkeypatch: pytest.MonkeyPatch, img: np.ndarray, *args:
     return p.detach()
 
 
-def scene_keypoints(h: int, w: int, n: int, seed: int = 0
-                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def scene_keypoints(
+    h: int, w: int, n: int, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     img = render_scene(max(w, 64), max(h, 64), seed=seed)[:h, :w].astype(np.float32) / 255
     kps = SiftDetector(max_keypoints=n)(np.ascontiguousarray(img))
     return np.ascontiguousarray(img), kps.xy, kps.size, kps.angle
 
 
-def border_keypoints(h: int, w: int, seed: int = 0
-                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def border_keypoints(h: int, w: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Keypoints on, near and off the image borders and corners, tiny to huge windows."""
     rng = np.random.default_rng(seed)
-    xs = np.array([-40.0, -3.0, -0.5, 0.0, 0.3, 2.0, w / 2, w - 3.0, w - 1.0, w - 0.7, w + 5.0,
-                   w + 60.0])
+    xs = np.array(
+        [-40.0, -3.0, -0.5, 0.0, 0.3, 2.0, w / 2, w - 3.0, w - 1.0, w - 0.7, w + 5.0, w + 60.0]
+    )
     ys = np.array([-25.0, -1.0, 0.0, 1.5, h / 2, h - 1.0, h - 0.2, h + 30.0])
     xy = np.stack(np.meshgrid(xs, ys), -1).reshape(-1, 2)
     xy = np.concatenate([xy, rng.uniform([0, 0], [w - 1, h - 1], (40, 2))]).astype(np.float32)
@@ -111,30 +124,42 @@ def border_keypoints(h: int, w: int, seed: int = 0
 
 # -- every path against the per-level reference ----------------------------------------------
 @pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("patch_size,mr_size,window_factor,upright",
-                         [(32, DEFAULT_MR_SIZE, 1.0, False), (32, 6.0, 1.0, True),
-                          (64, DEFAULT_MR_SIZE, 2.0, False), (16, 12.0, 1.0, False)])
+@pytest.mark.parametrize(
+    "patch_size,mr_size,window_factor,upright",
+    [
+        (32, DEFAULT_MR_SIZE, 1.0, False),
+        (32, 6.0, 1.0, True),
+        (64, DEFAULT_MR_SIZE, 2.0, False),
+        (16, 12.0, 1.0, False),
+    ],
+)
 def test_scene_keypoints_match_the_per_level_reference(
-        path: str, patch_size: int, mr_size: float, window_factor: float, upright: bool,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    path: str,
+    patch_size: int,
+    mr_size: float,
+    window_factor: float,
+    upright: bool,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     img, xy, size, angle = scene_keypoints(241, 319, 400)
     angle = None if upright else angle
     pyr = torch_pyramid(torch.from_numpy(img))
     ref = reference_patches(pyr, xy, size, angle, patch_size, mr_size, window_factor)
-    got = run_path(path, monkeypatch, img, xy, size, angle, patch_size, mr_size, window_factor,
-                   pyramid=pyr)
+    got = run_path(
+        path, monkeypatch, img, xy, size, angle, patch_size, mr_size, window_factor, pyramid=pyr
+    )
     assert got.shape == ref.shape and got.dtype == torch.float32
     assert (got - ref).abs().max() < TOL
     # Without a given pyramid (cv2.pyrDown on the CPU): the same to float rounding.
-    got2 = run_path(path, monkeypatch, img, xy, size, angle, patch_size, mr_size,
-                    window_factor)
+    got2 = run_path(path, monkeypatch, img, xy, size, angle, patch_size, mr_size, window_factor)
     assert (got2 - ref).abs().max() < TOL
 
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("hw", [(37, 53), (64, 64), (33, 130), (20, 17), (5, 7), (1, 9)])
 def test_border_off_image_and_huge_keypoints_match_the_reference(
-        path: str, hw: tuple[int, int], monkeypatch: pytest.MonkeyPatch) -> None:
+    path: str, hw: tuple[int, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
     h, w = hw
     img = np.random.default_rng(h * w).random((h, w)).astype(np.float32)
     xy, size, angle = border_keypoints(h, w)
@@ -145,8 +170,7 @@ def test_border_off_image_and_huge_keypoints_match_the_reference(
 
 
 @pytest.mark.parametrize("path", PATHS)
-def test_a_given_partial_pyramid_is_used_as_is(path: str, monkeypatch: pytest.MonkeyPatch
-                                                ) -> None:
+def test_a_given_partial_pyramid_is_used_as_is(path: str, monkeypatch: pytest.MonkeyPatch) -> None:
     img, xy, size, angle = scene_keypoints(200, 260, 200, seed=2)
     size = size * 4  # most would come from level 1 and up
     for pyr in ([torch.from_numpy(img)[None, None]], torch_pyramid(torch.from_numpy(img))[:2]):
@@ -159,8 +183,9 @@ def test_a_given_partial_pyramid_is_used_as_is(path: str, monkeypatch: pytest.Mo
 def test_zero_keypoints_on_every_path(path: str, monkeypatch: pytest.MonkeyPatch) -> None:
     img = np.zeros((40, 50), np.float32)
     if path == "autograd":
-        p = extract_patches(torch.zeros(40, 50, requires_grad=True), np.zeros((0, 2)),
-                            np.zeros(0), np.zeros(0))
+        p = extract_patches(
+            torch.zeros(40, 50, requires_grad=True), np.zeros((0, 2)), np.zeros(0), np.zeros(0)
+        )
     else:
         p = run_path(path, monkeypatch, img, np.zeros((0, 2)), np.zeros(0), np.zeros(0))
     assert p.shape == (0, 1, 32, 32)
@@ -193,24 +218,25 @@ def test_gradients_flow_to_the_image_as_in_the_reference() -> None:
 # -- the atlas and the pyramid ---------------------------------------------------------------
 def test_atlas_numpy_and_torch_fills_agree_and_replicate_the_borders() -> None:
     rng = np.random.default_rng(0)
-    levels = [torch.from_numpy(rng.random((h, w)).astype(np.float32))[None, None]
-              for h, w in [(37, 53), (19, 27), (10, 14), (1, 1)]]
+    levels = [
+        torch.from_numpy(rng.random((h, w)).astype(np.float32))[None, None]
+        for h, w in [(37, 53), (19, 27), (10, 14), (1, 1)]
+    ]
     a_np, org_np = patches._atlas(levels, 5, use_numpy=True)
     a_t, org_t = patches._atlas(levels, 5, use_numpy=False)
     assert org_np == org_t and torch.equal(a_np, a_t)
     for lv, (y, x) in zip(levels, org_np, strict=True):
         h, w = lv.shape[-2:]
-        block = a_np[y - 5: y + h + 5, x - 5: x + w + 5]
+        block = a_np[y - 5 : y + h + 5, x - 5 : x + w + 5]
         expect = F.pad(lv, (5, 5, 5, 5), mode="replicate")[0, 0]
         assert torch.equal(block, expect)
     # The blocks do not overlap: each level is intact after all were written.
     for lv, (y, x) in zip(levels, org_np, strict=True):
         h, w = lv.shape[-2:]
-        assert torch.equal(a_np[y: y + h, x: x + w], lv[0, 0])
+        assert torch.equal(a_np[y : y + h, x : x + w], lv[0, 0])
 
 
-@pytest.mark.parametrize("hw", [(255, 257), (100, 300), (33, 65), (32, 32), (31, 400),
-                                (1024, 768)])
+@pytest.mark.parametrize("hw", [(255, 257), (100, 300), (33, 65), (32, 32), (31, 400), (1024, 768)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_cpu_pyramid_equals_the_torch_pyramid(hw: tuple[int, int], dtype: torch.dtype) -> None:
     img = torch.from_numpy(np.random.default_rng(1).random(hw)).to(dtype)
@@ -218,8 +244,7 @@ def test_cpu_pyramid_equals_the_torch_pyramid(hw: tuple[int, int], dtype: torch.
     assert [lv.shape for lv in fast] == [lv.shape for lv in slow]
     for a, b in zip(fast, slow, strict=True):
         assert a.dtype == dtype
-        torch.testing.assert_close(a, b, atol=1e-6 if dtype == torch.float32 else 1e-12,
-                                   rtol=0)
+        torch.testing.assert_close(a, b, atol=1e-6 if dtype == torch.float32 else 1e-12, rtol=0)
     # With autograd the torch path runs: the same levels.
     g = build_pyramid(img.clone().requires_grad_(True))
     assert all(torch.allclose(a, b.detach(), atol=1e-6) for a, b in zip(fast, g, strict=True))
@@ -260,8 +285,9 @@ def test_remap_check_detects_rounded_positions(monkeypatch: pytest.MonkeyPatch) 
 
 
 @pytest.mark.parametrize("path", PATHS)
-def test_non_finite_keypoints_give_finite_patches(path: str, monkeypatch: pytest.MonkeyPatch
-                                                  ) -> None:
+def test_non_finite_keypoints_give_finite_patches(
+    path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     img = np.random.default_rng(5).random((60, 70)).astype(np.float32)
     xy = np.array([[np.nan, 5], [10, np.inf], [1e9, -1e9], [30, 30], [30, 30]], np.float32)
     size = np.array([10, 10, 10, np.inf, 10], np.float32)

@@ -48,8 +48,7 @@ def two_groups(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
             imgs.mkdir(exist_ok=True)
             shutil.copy(p, imgs / p.name)
     feats = root / "features.h5"
-    extract(list_images(imgs), feats, build_describer("rootsift"),
-            SiftDetector(max_keypoints=600))
+    extract(list_images(imgs), feats, build_describer("rootsift"), SiftDetector(max_keypoints=600))
     return imgs, feats
 
 
@@ -60,7 +59,8 @@ def test_kmeans_finds_separated_clusters_and_is_seeded() -> None:
     cb = train_codebook(x, 3, iters=20, seed=1)
     found = cb.centres[cb.centres[:, 0].argsort()]
     assert sorted(np.round(cb.centres.numpy()).ravel().tolist()) == sorted(
-        np.round(centres.numpy()).ravel().tolist()), found
+        np.round(centres.numpy()).ravel().tolist()
+    ), found
     again = train_codebook(x, 3, iters=20, seed=1)
     torch.testing.assert_close(cb.centres, again.centres)
     # More words than distinct points: capped, no error.
@@ -78,8 +78,9 @@ def test_vlad_is_normalised_and_signed_sqrt() -> None:
     # populated blocks have the same norm.
     blocks = (v.sign() * v * v).reshape(4, 8).norm(dim=1)
     populated = blocks > 0
-    assert torch.allclose(blocks[populated], blocks[populated][0].expand(int(populated.sum())),
-                          atol=1e-5)
+    assert torch.allclose(
+        blocks[populated], blocks[populated][0].expand(int(populated.sum())), atol=1e-5
+    )
     assert float(vlad(torch.zeros(0, 8), cb).norm()) == 0.0
 
 
@@ -125,8 +126,10 @@ def test_sequential_with_loop_closure(two_groups: tuple[Path, Path]) -> None:
 
 
 def test_pairs_helpers(tmp_path: Path) -> None:
-    assert unique_pairs([("a", "b"), ("b", "a"), ("a", "a"), ("c", "a")]) == [("a", "b"),
-                                                                             ("c", "a")]
+    assert unique_pairs([("a", "b"), ("b", "a"), ("a", "a"), ("c", "a")]) == [
+        ("a", "b"),
+        ("c", "a"),
+    ]
     assert unique_pairs([("c", "a"), ("b", "a")], ["a", "b", "c"]) == [("a", "b"), ("a", "c")]
     p = write_pairs_commented(tmp_path / "p.txt", [("a", "b")], "made by a test")
     assert pairs_comment(p) == "made by a test" and read_pairs(p) == [("a", "b")]
@@ -151,13 +154,16 @@ def test_pairs_command(two_groups: tuple[Path, Path], tmp_path: Path) -> None:
     assert len(read_pairs(out)) == 28
     res = runner.invoke(app, ["pairs", str(imgs), str(out), "--sequential", "2"])
     assert res.exit_code == 0 and len(read_pairs(out)) == 13
-    res = runner.invoke(app, ["pairs", str(feats), str(out), "--sequential", "1",
-                              "--loop-closure", "1"])
+    res = runner.invoke(
+        app, ["pairs", str(feats), str(out), "--sequential", "1", "--loop-closure", "1"]
+    )
     assert res.exit_code == 0 and len(read_pairs(out)) > 7
 
-    for args, msg in ((["--retrieval", "2"], "needs a features.h5"),
-                      (["--exhaustive", "--retrieval", "2"], "choose one"),
-                      (["--loop-closure", "2"], "goes with --sequential")):
+    for args, msg in (
+        (["--retrieval", "2"], "needs a features.h5"),
+        (["--exhaustive", "--retrieval", "2"], "choose one"),
+        (["--loop-closure", "2"], "goes with --sequential"),
+    ):
         res = runner.invoke(app, ["pairs", str(imgs), str(out), *args])
         assert res.exit_code != 0 and isinstance(res.exception, InputError), args
         assert msg in str(res.exception)

@@ -43,17 +43,21 @@ def _stage(out: str, name: str) -> str:
     return line
 
 
-def test_sfm_reconstructs_the_rendered_scene(room: Path, tmp_path: Path,
-                                             call_main: Callable[..., tuple[int, str, str]]
-                                             ) -> None:
+def test_sfm_reconstructs_the_rendered_scene(
+    room: Path, tmp_path: Path, call_main: Callable[..., tuple[int, str, str]]
+) -> None:
     out_dir = tmp_path / "out"
-    code, out, err = call_main("sfm", str(room / "images"), str(out_dir), *SFM,
-                               "--cameras", str(room / "cameras.txt"))
+    code, out, err = call_main(
+        "sfm", str(room / "images"), str(out_dir), *SFM, "--cameras", str(room / "cameras.txt")
+    )
     assert code == 0, err
     for stage in ("extract", "pairs", "match", "export", "mapping"):
         assert re.search(r"\d+\.\d s", _stage(out, stage)), out
-    m = re.search(r"(\d+)/(\d+) images registered, ([\d,]+) 3D points, mean track length "
-                  r"([\d.]+), mean reprojection error ([\d.]+) px", out)
+    m = re.search(
+        r"(\d+)/(\d+) images registered, ([\d,]+) 3D points, mean track length "
+        r"([\d.]+), mean reprojection error ([\d.]+) px",
+        out,
+    )
     assert m, out
     assert int(m[1]) == int(m[2]) == VIEWS
     assert int(m[3].replace(",", "")) > 300 and float(m[4]) > 2.5 and float(m[5]) < 1.0
@@ -64,8 +68,7 @@ def test_sfm_reconstructs_the_rendered_scene(room: Path, tmp_path: Path,
     rec = pycolmap.Reconstruction(str(out_dir / "sparse" / "0"))
     assert rec.num_reg_images() == VIEWS
     assert rec.compute_mean_reprojection_error() < 1.0
-    p = re.search(r"rotation median ([\d.]+) deg.*translation direction median ([\d.]+) deg",
-                  out)
+    p = re.search(r"rotation median ([\d.]+) deg.*translation direction median ([\d.]+) deg", out)
     assert p and float(p[1]) < 0.5 and float(p[2]) < 1.0, out
     assert f"15 pairs of {VIEWS}/{VIEWS} cameras" in out
 
@@ -79,8 +82,9 @@ def test_sfm_reconstructs_the_rendered_scene(room: Path, tmp_path: Path,
     assert f"{VIEWS}/{VIEWS} images registered" in out
 
     # Other pairs: the pairs change; their matches exist already, the rest is rebuilt.
-    code, out, err = call_main("sfm", str(room / "images"), str(out_dir), *SFM,
-                               "--pairs", "retrieval:3")
+    code, out, err = call_main(
+        "sfm", str(room / "images"), str(out_dir), *SFM, "--pairs", "retrieval:3"
+    )
     assert code == 0, err
     assert "(done before)" in _stage(out, "extract") and "(done before)" in _stage(out, "match")
     assert "retrieval:3" in _stage(out, "pairs") and "(done before)" not in _stage(out, "export")
@@ -88,8 +92,16 @@ def test_sfm_reconstructs_the_rendered_scene(room: Path, tmp_path: Path,
     assert f"{VIEWS}/{VIEWS} images registered" in out
 
     # Another camera mode: only the database and the model are made again.
-    code, out, err = call_main("sfm", str(room / "images"), str(out_dir), *SFM,
-                               "--pairs", "retrieval:3", "--camera-mode", "per-image")
+    code, out, err = call_main(
+        "sfm",
+        str(room / "images"),
+        str(out_dir),
+        *SFM,
+        "--pairs",
+        "retrieval:3",
+        "--camera-mode",
+        "per-image",
+    )
     assert code == 0, err
     assert all("(done before)" in _stage(out, s) for s in ("extract", "pairs", "match"))
     assert f"{VIEWS} camera(s)" in _stage(out, "export")
@@ -97,7 +109,8 @@ def test_sfm_reconstructs_the_rendered_scene(room: Path, tmp_path: Path,
 
 
 def test_unregistrable_scene_fails_clearly_and_keeps_its_files(
-        tmp_path: Path, call_main: Callable[..., tuple[int, str, str]]) -> None:
+    tmp_path: Path, call_main: Callable[..., tuple[int, str, str]]
+) -> None:
     imgs = tmp_path / "noise"
     imgs.mkdir()
     for i in range(2):
@@ -123,13 +136,29 @@ def test_unregistrable_scene_fails_clearly_and_keeps_its_files(
     assert code == 5 and "at least 2" in err
 
 
-@pytest.mark.parametrize("command,expected", [
-    (["sfm"], ["exhaustive", "retrieval:K", "sequential:K+loops:N", "--cameras", "4000",
-               "--camera-mode", "single", "descmatch[sfm]"]),
-    (["pairs"], ["--exhaustive", "--sequential", "--loop-closure", "--retrieval", "64"]),
-    (["export", "colmap"], ["--camera-mode", "--descriptors", "--no-verify", "--overwrite",
-                            "descmatch[sfm]"]),
-])
+@pytest.mark.parametrize(
+    "command,expected",
+    [
+        (
+            ["sfm"],
+            [
+                "exhaustive",
+                "retrieval:K",
+                "sequential:K+loops:N",
+                "--cameras",
+                "4000",
+                "--camera-mode",
+                "single",
+                "descmatch[sfm]",
+            ],
+        ),
+        (["pairs"], ["--exhaustive", "--sequential", "--loop-closure", "--retrieval", "64"]),
+        (
+            ["export", "colmap"],
+            ["--camera-mode", "--descriptors", "--no-verify", "--overwrite", "descmatch[sfm]"],
+        ),
+    ],
+)
 def test_help_of_the_sfm_commands(command: list[str], expected: list[str]) -> None:
     from typer.testing import CliRunner
 

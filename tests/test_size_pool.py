@@ -32,13 +32,16 @@ def test_resolve_size_pool() -> None:
 
 @pytest.mark.parametrize("method,ckpt", [("sosnet", "sos.pt"), ("l2net-cs", "cs.pt")])
 def test_pooled_descriptor_is_the_normalised_sum_over_sizes(
-        scene_dir: Path, ckpt_dir: Path, method: str, ckpt: str) -> None:
+    scene_dir: Path, ckpt_dir: Path, method: str, ckpt: str
+) -> None:
     img = read_image(scene_dir / "img0.png")
     kps = SiftDetector(max_keypoints=60)(img)
-    one = build_describer(method, str(ckpt_dir / ckpt), precision="fp32", frames="none",
-                          size_pool="none")
-    pooled = build_describer(method, str(ckpt_dir / ckpt), precision="fp32", frames="none",
-                             size_pool="0.7,1.4")
+    one = build_describer(
+        method, str(ckpt_dir / ckpt), precision="fp32", frames="none", size_pool="none"
+    )
+    pooled = build_describer(
+        method, str(ckpt_dir / ckpt), precision="fp32", frames="none", size_pool="0.7,1.4"
+    )
     assert pooled.meta["size_pool"] == [0.7, 1.4] and "size_pool" not in one.meta
     parts = [one(img, replace(kps, size=kps.size * np.float32(f), cv=None)) for f in (0.7, 1.4)]
     want = parts[0] + parts[1]
@@ -53,11 +56,11 @@ def test_pooled_descriptor_is_the_normalised_sum_over_sizes(
 
 
 def test_describe_many_pools_each_image(scene_dir: Path, ckpt_dir: Path) -> None:
-    pooled = build_describer("sosnet", str(ckpt_dir / "sos.pt"), precision="fp32",
-                             frames="none", size_pool="0.8,1,1.25")
+    pooled = build_describer(
+        "sosnet", str(ckpt_dir / "sos.pt"), precision="fp32", frames="none", size_pool="0.8,1,1.25"
+    )
     det = SiftDetector(max_keypoints=40)
-    items = [(img, det(img)) for img in
-             (read_image(scene_dir / f"img{i}.png") for i in range(3))]
+    items = [(img, det(img)) for img in (read_image(scene_dir / f"img{i}.png") for i in range(3))]
     items.insert(1, (items[0][0], items[0][1].select(np.zeros(0, np.int64))))  # no keypoints
     many = pooled.describe_many(items)  # type: ignore[attr-defined]
     assert [len(d) for d in many] == [len(k) for _, k in items]
@@ -71,12 +74,24 @@ def test_size_pool_does_not_apply_to_classical_methods() -> None:
     assert build_describer("rootsift", size_pool="none").name == "rootsift"
 
 
-def test_extract_records_the_pooling(tmp_path: Path, scene_dir: Path, ckpt_dir: Path,
-                                     call_main: Callable[..., MainResult]) -> None:
+def test_extract_records_the_pooling(
+    tmp_path: Path, scene_dir: Path, ckpt_dir: Path, call_main: Callable[..., MainResult]
+) -> None:
     out = tmp_path / "feats.h5"
-    base = ["extract", str(scene_dir), "--method", "sosnet", "--weights",
-            str(ckpt_dir / "sos.pt"), "--max-keypoints", "50", "--precision", "fp32",
-            "--frames", "none"]
+    base = [
+        "extract",
+        str(scene_dir),
+        "--method",
+        "sosnet",
+        "--weights",
+        str(ckpt_dir / "sos.pt"),
+        "--max-keypoints",
+        "50",
+        "--precision",
+        "fp32",
+        "--frames",
+        "none",
+    ]
     assert call_main(*base, str(out), "--size-pool", "0.7,1.4")[0] == 0
     assert call_main(*base, str(tmp_path / "one.h5"), "--size-pool", "none")[0] == 0
     with Reader(out, "features") as r, Reader(tmp_path / "one.h5", "features") as p:

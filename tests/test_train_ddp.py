@@ -24,10 +24,20 @@ def write_pool(path: Path, n: int = 384, groups: int = 6, p: int = 32) -> Path:
     noisy = np.clip(base + rng.integers(-12, 13, base.shape), 0, 255).astype(np.uint8)
     path.mkdir(parents=True, exist_ok=True)
     np.save(path / "pairs.npy", np.concatenate([base, noisy], 1))
-    (path / "meta.json").write_text(json.dumps({
-        "format": "descmatch-pairpool", "version": 1, "kind": "photos", "num_pairs": n,
-        "offsets": np.linspace(0, n, groups + 1).astype(int).tolist(), "patch_size": p,
-        "mr_size": 6.0, "window_factor": 1.0}))
+    (path / "meta.json").write_text(
+        json.dumps(
+            {
+                "format": "descmatch-pairpool",
+                "version": 1,
+                "kind": "photos",
+                "num_pairs": n,
+                "offsets": np.linspace(0, n, groups + 1).astype(int).tolist(),
+                "patch_size": p,
+                "mr_size": 6.0,
+                "window_factor": 1.0,
+            }
+        )
+    )
     return path
 
 
@@ -39,13 +49,42 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def torchrun(pool: Path, out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     """``torchrun --standalone --nproc_per_node 2 -m descmatch train ...`` (torchrun is
     ``python -m torch.distributed.run``: the same interpreter as the tests)."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    }
     env["OMP_NUM_THREADS"] = "1"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-           "2", "-m", "descmatch", "train", "--method", "hardnet", "--data", f"pool:{pool}",
-           "--out", str(out), "--steps", "4", "--batch-size", "32", "--precision", "fp32",
-           "--device", "cpu", "--val", "none", "--checkpoint-every", "1", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "descmatch",
+        "train",
+        "--method",
+        "hardnet",
+        "--data",
+        f"pool:{pool}",
+        "--out",
+        str(out),
+        "--steps",
+        "4",
+        "--batch-size",
+        "32",
+        "--precision",
+        "fp32",
+        "--device",
+        "cpu",
+        "--val",
+        "none",
+        "--checkpoint-every",
+        "1",
+        *extra,
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return res
@@ -77,8 +116,18 @@ def test_two_processes_train_write_once_and_resume_exactly(pool: Path, tmp_path:
 
 def test_two_processes_mine_hard_negatives(pool: Path, tmp_path: Path) -> None:
     out = tmp_path / "hn"
-    torchrun(pool, out, "--sampler", "hard-negative", "--mine-every", "2", "--mine-points",
-             "96", "--mine-group", "8")
+    torchrun(
+        pool,
+        out,
+        "--sampler",
+        "hard-negative",
+        "--mine-every",
+        "2",
+        "--mine-points",
+        "96",
+        "--mine-group",
+        "8",
+    )
     ck = torch.load(out / "checkpoint.pt", weights_only=True)
     assert ck["sampler_state"]["round"] == 1
     assert ck["sampler_state"]["pools"][0]["descriptors"].shape == (96, 128)

@@ -64,8 +64,9 @@ def test_pairs_agree_with_the_homography(seqs: Path) -> None:
     assert np.linalg.norm(m_xy - k2.xy[hp.idx_i], axis=1).max() <= 2.0 + 1e-5
     ratio = m_size / k2.size[hp.idx_i]
     assert (np.maximum(ratio, 1 / ratio) <= 1.2 + 1e-5).all()
-    capped = homography_pairs(k1, im1.shape, k2, im2.shape, h, np.random.default_rng(0), conf,
-                              max_pairs=20)
+    capped = homography_pairs(
+        k1, im1.shape, k2, im2.shape, h, np.random.default_rng(0), conf, max_pairs=20
+    )
     assert len(capped) == 20 and set(capped.idx1.tolist()) <= set(hp.idx1.tolist())
 
 
@@ -102,8 +103,15 @@ def test_train_on_hpatches(seqs: Path, tmp_path: Path) -> None:
     one = tmp_path / "one"
     shutil.copytree(seqs / "seq_b", one)
     assert DataSpec.parse(f"hpatches:{one}@2") == DataSpec("hpatches", one, 2.0)
-    cfg = TrainConfig(method="l2net", data=[f"hpatches:{one}"], out_dir=tmp_path / "run",
-                      steps=2, batch_size=16, pairs_per_image=64, val_pairs=40)
+    cfg = TrainConfig(
+        method="l2net",
+        data=[f"hpatches:{one}"],
+        out_dir=tmp_path / "run",
+        steps=2,
+        batch_size=16,
+        pairs_per_image=64,
+        val_pairs=40,
+    )
     path = train(cfg)
     built = list((tmp_path / "run" / "pools").glob("hpatches-one-32px-*"))
     assert len(built) == 1

@@ -39,8 +39,9 @@ def pool32(photos: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def pool64(photos: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     # 64 px covering twice the window: L2-Net-CS uses it whole, the 32-px nets its centre.
-    return build_pool([photos], tmp_path_factory.mktemp("p64") / "pool", 32, 64, 6.0, 0,
-                      window_factor=2.0)
+    return build_pool(
+        [photos], tmp_path_factory.mktemp("p64") / "pool", 32, 64, 6.0, 0, window_factor=2.0
+    )
 
 
 def _losses(cb_log: list[str]) -> list[float]:
@@ -50,9 +51,18 @@ def _losses(cb_log: list[str]) -> list[float]:
 def test_tiny_run_learns_and_writes_weights(pool32: Path, tmp_path: Path) -> None:
     texts: list[str] = []
     out = tmp_path / "run"
-    cfg = TrainConfig(method="hardnet", data=[f"pool:{pool32}"], out_dir=out, steps=30,
-                      batch_size=32, images_per_batch=2, log_every=10, eval_every=15,
-                      val_pairs=200, command="descmatch train --method hardnet")
+    cfg = TrainConfig(
+        method="hardnet",
+        data=[f"pool:{pool32}"],
+        out_dir=out,
+        steps=30,
+        batch_size=32,
+        images_per_batch=2,
+        log_every=10,
+        eval_every=15,
+        val_pairs=200,
+        command="descmatch train --method hardnet",
+    )
     path = train(cfg, progress=lambda i, n, t: texts.append(t))
     losses = _losses(texts)
     assert len(losses) == 30
@@ -71,8 +81,7 @@ def test_tiny_run_learns_and_writes_weights(pool32: Path, tmp_path: Path) -> Non
     assert rows[1]["fpr95"] is not None and rows[0]["fpr95"] is None
     with open(out / "train_log.csv") as f:
         table = list(csv.DictReader(f))
-    assert list(table[0]) == ["step", "loss", "lr", "fpr95", "pairs_per_s", "seconds",
-                              "batch_acc"]
+    assert list(table[0]) == ["step", "loss", "lr", "fpr95", "pairs_per_s", "seconds", "batch_acc"]
     assert len(table) == 4 and float(table[-1]["lr"]) == 0.0
     ck = torch.load(out / "checkpoint.pt", weights_only=True)
     assert ck["step"] == 30 and {"optimizer", "scheduler", "rng", "config"} <= set(ck)
@@ -82,8 +91,15 @@ def test_tiny_run_learns_and_writes_weights(pool32: Path, tmp_path: Path) -> Non
 
 
 def test_time_limit_stops_and_resume_finishes(pool32: Path, tmp_path: Path) -> None:
-    cfg = TrainConfig(method="l2net", data=[str(pool32)], out_dir=tmp_path, steps=4,
-                      batch_size=8, val="none", time_limit_s=0.0)
+    cfg = TrainConfig(
+        method="l2net",
+        data=[str(pool32)],
+        out_dir=tmp_path,
+        steps=4,
+        batch_size=8,
+        val="none",
+        time_limit_s=0.0,
+    )
     assert load_net("l2net", train(cfg)).meta["steps"] == 1
     cfg.resume, cfg.time_limit_s = True, None
     assert load_net("l2net", train(cfg)).meta["steps"] == 4
@@ -96,9 +112,18 @@ class _Stop(Exception):
 def test_resume_is_exact(pool32: Path, tmp_path: Path) -> None:
     def cfg(out: Path) -> TrainConfig:
         # HardNet has dropout (global RNG), the loss and augmentation their own streams.
-        return TrainConfig(method="hardnet", data=[str(pool32)], out_dir=out, steps=20,
-                           batch_size=16, images_per_batch=2, checkpoint_every=10,
-                           log_every=5, eval_every=10, val_pairs=100)
+        return TrainConfig(
+            method="hardnet",
+            data=[str(pool32)],
+            out_dir=out,
+            steps=20,
+            batch_size=16,
+            images_per_batch=2,
+            checkpoint_every=10,
+            log_every=5,
+            eval_every=10,
+            val_pairs=100,
+        )
 
     straight: list[str] = []
     a = train(cfg(tmp_path / "a"), lambda i, n, t: straight.append(t))
@@ -123,8 +148,9 @@ def test_resume_is_exact(pool32: Path, tmp_path: Path) -> None:
     for k, v in sa["state_dict"].items():
         assert torch.equal(v, sb["state_dict"][k]), k
     ra, rb = read_log(tmp_path / "a"), read_log(tmp_path / "b")
-    assert [(r["step"], r["loss"], r["fpr95"]) for r in ra] == \
-        [(r["step"], r["loss"], r["fpr95"]) for r in rb]
+    assert [(r["step"], r["loss"], r["fpr95"]) for r in ra] == [
+        (r["step"], r["loss"], r["fpr95"]) for r in rb
+    ]
     # Resuming a finished run does no step and keeps the weights.
     again = torch.load(train(c), weights_only=True)
     assert again["meta"]["steps"] == 20
@@ -133,10 +159,17 @@ def test_resume_is_exact(pool32: Path, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("method", list(NETS))
 @pytest.mark.parametrize("loss", list(LOSSES))
-def test_every_method_and_loss_runs(pool64: Path, tmp_path: Path, method: str,
-                                    loss: str) -> None:
-    cfg = TrainConfig(method=method, loss=loss, data=[str(pool64)], out_dir=tmp_path,
-                      steps=2, batch_size=8, images_per_batch=2, val="none")
+def test_every_method_and_loss_runs(pool64: Path, tmp_path: Path, method: str, loss: str) -> None:
+    cfg = TrainConfig(
+        method=method,
+        loss=loss,
+        data=[str(pool64)],
+        out_dir=tmp_path,
+        steps=2,
+        batch_size=8,
+        images_per_batch=2,
+        val="none",
+    )
     path = train(cfg)
     loaded = load_net(method, path)
     assert loaded.meta["steps"] == 2 and loaded.meta["loss"] == loss
@@ -145,9 +178,15 @@ def test_every_method_and_loss_runs(pool64: Path, tmp_path: Path, method: str,
 
 def test_brown_and_photos_mix(pool32: Path, tmp_path: Path) -> None:
     brown = make_brown_fixture(tmp_path / "brown", n_points=40, per_point=3)
-    cfg = TrainConfig(method="sosnet", data=[f"pool:{pool32}@1", f"brown:{brown}@2"],
-                      out_dir=tmp_path / "run", steps=6, batch_size=16, val=f"brown:{brown}",
-                      val_pairs=100)
+    cfg = TrainConfig(
+        method="sosnet",
+        data=[f"pool:{pool32}@1", f"brown:{brown}@2"],
+        out_dir=tmp_path / "run",
+        steps=6,
+        batch_size=16,
+        val=f"brown:{brown}",
+        val_pairs=100,
+    )
     path = train(cfg)
     meta = load_net("sosnet", path).meta
     assert meta["val_set"].startswith("brown:") and 0.0 <= meta["val_fpr95"] <= 1.0
@@ -156,13 +195,30 @@ def test_brown_and_photos_mix(pool32: Path, tmp_path: Path) -> None:
 
 def test_init_starts_from_trained_weights(pool32: Path, tmp_path: Path) -> None:
     # Another seed than the runs below: their random starts differ from these weights.
-    base = train(TrainConfig(method="sosnet", data=[str(pool32)], out_dir=tmp_path / "a",
-                             steps=4, batch_size=16, val="none", seed=1))
+    base = train(
+        TrainConfig(
+            method="sosnet",
+            data=[str(pool32)],
+            out_dir=tmp_path / "a",
+            steps=4,
+            batch_size=16,
+            val="none",
+            seed=1,
+        )
+    )
     start = load_net("sosnet", base)
 
     def cfg(out: str, **kw: object) -> TrainConfig:
-        return TrainConfig(method="sosnet", data=[str(pool32)], out_dir=tmp_path / out, steps=3,
-                           batch_size=16, val="none", lr=1e-3, **kw)
+        return TrainConfig(
+            method="sosnet",
+            data=[str(pool32)],
+            out_dir=tmp_path / out,
+            steps=3,
+            batch_size=16,
+            val="none",
+            lr=1e-3,
+            **kw,
+        )
 
     # The first step starts from the given weights: fine-tuning moves them only a little,
     # a fresh run starts far away.
@@ -170,8 +226,10 @@ def test_init_starts_from_trained_weights(pool32: Path, tmp_path: Path) -> None:
     fresh = load_net("sosnet", train(cfg("c")))
 
     def dist(a: torch.nn.Module) -> float:
-        return max((p - q).abs().max().item() for p, q in
-                   zip(a.parameters(), start.net.parameters(), strict=True))
+        return max(
+            (p - q).abs().max().item()
+            for p, q in zip(a.parameters(), start.net.parameters(), strict=True)
+        )
 
     assert dist(tuned.net) < 0.01 < dist(fresh.net)
     info = tuned.meta["init"]
@@ -184,8 +242,17 @@ def test_init_starts_from_trained_weights(pool32: Path, tmp_path: Path) -> None:
     assert resumed.meta["steps"] == 5 and resumed.meta["init"]["sha256"] == start.sha256
     # Weights of another method or another patch window are refused.
     with pytest.raises(WeightsError, match="sosnet, not hardnet"):
-        train(TrainConfig(method="hardnet", data=[str(pool32)], out_dir=tmp_path / "d",
-                          steps=1, batch_size=8, val="none", init=str(base)))
+        train(
+            TrainConfig(
+                method="hardnet",
+                data=[str(pool32)],
+                out_dir=tmp_path / "d",
+                steps=1,
+                batch_size=8,
+                val="none",
+                init=str(base),
+            )
+        )
     other = tmp_path / "other.pt"
     ck = torch.load(base, weights_only=True)
     ck["meta"]["mr_size"] = 10.0
@@ -195,27 +262,64 @@ def test_init_starts_from_trained_weights(pool32: Path, tmp_path: Path) -> None:
 
 
 def test_central_surround_starts_from_plain_weights(pool64: Path, tmp_path: Path) -> None:
-    base = train(TrainConfig(method="sosnet", data=[str(pool64)], out_dir=tmp_path / "a",
-                             steps=2, batch_size=16, val="none", seed=1))
+    base = train(
+        TrainConfig(
+            method="sosnet",
+            data=[str(pool64)],
+            out_dir=tmp_path / "a",
+            steps=2,
+            batch_size=16,
+            val="none",
+            seed=1,
+        )
+    )
     start = load_net("sosnet", base)
-    path = train(TrainConfig(method="sosnet-cs", data=[str(pool64)], out_dir=tmp_path / "b",
-                             steps=1, batch_size=16, val="none", lr=1e-7, init=str(base)))
+    path = train(
+        TrainConfig(
+            method="sosnet-cs",
+            data=[str(pool64)],
+            out_dir=tmp_path / "b",
+            steps=1,
+            batch_size=16,
+            val="none",
+            lr=1e-7,
+            init=str(base),
+        )
+    )
     cs = load_net("sosnet-cs", path)
     assert cs.meta["init"]["sha256"] == start.sha256
     for tower in (cs.net.center, cs.net.surround):
         for p, q in zip(tower.parameters(), start.net.tower.parameters(), strict=True):
             assert (p - q).abs().max().item() < 1e-4
     # A plain net of another family does not start it.
-    other = train(TrainConfig(method="l2net", data=[str(pool64)], out_dir=tmp_path / "c",
-                              steps=1, batch_size=16, val="none"))
+    other = train(
+        TrainConfig(
+            method="l2net",
+            data=[str(pool64)],
+            out_dir=tmp_path / "c",
+            steps=1,
+            batch_size=16,
+            val="none",
+        )
+    )
     with pytest.raises(WeightsError, match="l2net, not sosnet-cs"):
-        train(TrainConfig(method="sosnet-cs", data=[str(pool64)], out_dir=tmp_path / "d",
-                          steps=1, batch_size=16, val="none", init=str(other)))
+        train(
+            TrainConfig(
+                method="sosnet-cs",
+                data=[str(pool64)],
+                out_dir=tmp_path / "d",
+                steps=1,
+                batch_size=16,
+                val="none",
+                init=str(other),
+            )
+        )
 
 
 def test_pool_that_does_not_fit_the_net(pool32: Path, tmp_path: Path) -> None:
-    cfg = TrainConfig(method="l2net-cs", data=[str(pool32)], out_dir=tmp_path, steps=1,
-                      batch_size=8)
+    cfg = TrainConfig(
+        method="l2net-cs", data=[str(pool32)], out_dir=tmp_path, steps=1, batch_size=8
+    )
     with pytest.raises(ConfigError):
         train(cfg)
 
@@ -230,8 +334,7 @@ def test_data_spec_parse(pool32: Path, tmp_path: Path) -> None:
     with pytest.raises(ConfigError):
         TrainConfig(method="nope").resolved()
     r = TrainConfig(method="hardnet").resolved()
-    assert (r["optimizer"], r["lr"], r["weight_decay"], r["loss"]) == ("sgd", 10.0, 1e-4,
-                                                                       "hardnet")
+    assert (r["optimizer"], r["lr"], r["weight_decay"], r["loss"]) == ("sgd", 10.0, 1e-4, "hardnet")
     assert TrainConfig(method="hardnet", optimizer="adam").resolved()["lr"] == 1e-3
 
 

@@ -32,9 +32,22 @@ from descmatch.train.multiview import (
 from descmatch.train.pool import PairPool, SameImageSampler, is_pool
 
 #: The multi-view training scenes: two walls, 320x240, an off-centre principal point.
-RIG = Rig(width=320, height=240, focal=260.0, fy_ratio=1.01, pp_offset=(3.0, -2.0), tex=256,
-          blur=0.8, floor=False, background=0.0, arc=18.0, radius=4.0, y0=0.0, y_jitter=0.15,
-          target=(0.0, 0.0, -0.6))
+RIG = Rig(
+    width=320,
+    height=240,
+    focal=260.0,
+    fy_ratio=1.01,
+    pp_offset=(3.0, -2.0),
+    tex=256,
+    blur=0.8,
+    floor=False,
+    background=0.0,
+    arc=18.0,
+    radius=4.0,
+    y0=0.0,
+    y_jitter=0.15,
+    target=(0.0, 0.0, -0.6),
+)
 WIDTH, HEIGHT, FOCAL = RIG.width, RIG.height, RIG.focal
 
 
@@ -81,14 +94,17 @@ def test_read_cameras_round_trip(scenes: Path) -> None:
     assert all(cam.project(np.zeros((1, 3)))[1][0] > 0 for cam in cams.values())
 
 
-@pytest.mark.parametrize("line, what", [
-    ("a.png 320 240 260 260 160 120 1 0 0 0 1 0 0 0 1 0 0", "expected 19 fields"),
-    ("a.png 320 240 260 260 160 120 1 0 0 0 1 0 0 0 1 0 0 x", "'x' is not a number"),
-    ("a.png 320.5 240 260 260 160 120 1 0 0 0 1 0 0 0 1 0 0 4", "positive integers"),
-    ("a.png 320 240 -260 260 160 120 1 0 0 0 1 0 0 0 1 0 0 4", "focal lengths"),
-    ("a.png 320 240 260 260 160 120 1 0 0 0 2 0 0 0 1 0 0 4", "not a rotation"),
-    ("a.png 320 240 260 260 160 120 1 0 0 0 1 0 0 0 -1 0 0 4", "not a rotation"),
-])
+@pytest.mark.parametrize(
+    "line, what",
+    [
+        ("a.png 320 240 260 260 160 120 1 0 0 0 1 0 0 0 1 0 0", "expected 19 fields"),
+        ("a.png 320 240 260 260 160 120 1 0 0 0 1 0 0 0 1 0 0 x", "'x' is not a number"),
+        ("a.png 320.5 240 260 260 160 120 1 0 0 0 1 0 0 0 1 0 0 4", "positive integers"),
+        ("a.png 320 240 -260 260 160 120 1 0 0 0 1 0 0 0 1 0 0 4", "focal lengths"),
+        ("a.png 320 240 260 260 160 120 1 0 0 0 2 0 0 0 1 0 0 4", "not a rotation"),
+        ("a.png 320 240 260 260 160 120 1 0 0 0 1 0 0 0 -1 0 0 4", "not a rotation"),
+    ],
+)
 def test_read_cameras_rejects_malformed_lines(tmp_path: Path, line: str, what: str) -> None:
     good = "ok.png 320 240 260 260 160 120 1 0 0 0 1 0 0 0 1 0 0 4"
     path = tmp_path / "cameras.txt"
@@ -128,8 +144,10 @@ def test_epipolar_and_triangulation_geometry() -> None:
     assert np.median(epipolar_distance(f, pix[0], shifted)) > 0.5
     # Tracks of lengths 2 and 3 mixed; with noise-free pixels the points come back exactly.
     obs_image = np.r_[np.tile([0, 1, 2], 25), np.tile([0, 2], 25)]
-    obs_xy = np.concatenate([np.stack([pix[g][j] for g in (0, 1, 2)]) for j in range(25)]
-                            + [np.stack([pix[g][j] for g in (0, 2)]) for j in range(25, 50)])
+    obs_xy = np.concatenate(
+        [np.stack([pix[g][j] for g in (0, 1, 2)]) for j in range(25)]
+        + [np.stack([pix[g][j] for g in (0, 2)]) for j in range(25, 50)]
+    )
     offsets = np.r_[np.arange(0, 75, 3), np.arange(75, 126, 2)]
     np.testing.assert_allclose(triangulate(cams, obs_image, obs_xy, offsets), xyz, atol=1e-6)
     assert view_pairs(cams, 1) == [(0, 1), (1, 2)]
@@ -156,7 +174,7 @@ def test_scene_tracks_reproject(scenes: Path) -> None:
     # Every track: one keypoint per image, all its views in front, reprojecting within 2 px,
     # and its point on one of the two walls (the true geometry).
     for k in range(tr.num_tracks):
-        imgs = tr.obs_image[tr.offsets[k]:tr.offsets[k + 1]]
+        imgs = tr.obs_image[tr.offsets[k] : tr.offsets[k + 1]]
         assert len(np.unique(imgs)) == len(imgs) >= 2
     for g, cam in enumerate(tr.cameras):
         rows = np.flatnonzero(tr.obs_image == g)
@@ -225,8 +243,7 @@ def test_pool_round_trip_and_pairs_agree(pool_dir: Path, scenes: Path) -> None:
     assert len(tracks["xyz"]) == pool.num_points
 
 
-def test_pool_is_reused_resumed_and_guarded(pool_dir: Path, scenes: Path,
-                                            tmp_path: Path) -> None:
+def test_pool_is_reused_resumed_and_guarded(pool_dir: Path, scenes: Path, tmp_path: Path) -> None:
     assert build_multiview_pool(scenes, pool_dir, **TINY) == pool_dir
     with pytest.raises(OutputError):
         build_multiview_pool(scenes, pool_dir, **{**TINY, "reproj_px": 1.0})
@@ -240,7 +257,10 @@ def test_pool_is_reused_resumed_and_guarded(pool_dir: Path, scenes: Path,
     with pytest.raises(KeyboardInterrupt):
         build_multiview_pool(scenes, out, progress=crash, **TINY)
     assert sorted(p.name for p in (out / "parts").iterdir()) == [
-        "scene_000.json", "scene_000.npz", "settings.json"]
+        "scene_000.json",
+        "scene_000.npz",
+        "settings.json",
+    ]
     made: list[str] = []
     build_multiview_pool(scenes, out, progress=lambda i, n, t: made.append(t), **TINY)
     assert made and all(t.startswith("corner-b") for t in made)
@@ -251,9 +271,17 @@ def test_multiview_data_source_trains(scenes: Path, tmp_path: Path) -> None:
     spec = DataSpec.parse(f"multiview:{scenes}@2")
     assert (spec.kind, spec.path, spec.weight) == ("multiview", scenes, 2.0)
     out = tmp_path / "run"
-    cfg = TrainConfig(method="hardnet", data=[f"multiview:{scenes / 'corner-a'}"], out_dir=out,
-                      steps=2, batch_size=16, images_per_batch=2, val="none", mr_size=6.0,
-                      augment=False)
+    cfg = TrainConfig(
+        method="hardnet",
+        data=[f"multiview:{scenes / 'corner-a'}"],
+        out_dir=out,
+        steps=2,
+        batch_size=16,
+        images_per_batch=2,
+        val="none",
+        mr_size=6.0,
+        augment=False,
+    )
     path = train(cfg)
     assert path.is_file()
     pools = list((out / "pools").iterdir())
@@ -261,8 +289,15 @@ def test_multiview_data_source_trains(scenes: Path, tmp_path: Path) -> None:
     meta = json.loads((pools[0] / "meta.json").read_text())
     assert meta["patch_size"] == 32 and meta["mr_size"] == 6.0
     # A built pool given as the source is used as it is.
-    cfg2 = TrainConfig(method="hardnet", data=[f"multiview:{pools[0]}"], out_dir=tmp_path / "r2",
-                       steps=1, batch_size=16, val="none", mr_size=6.0)
+    cfg2 = TrainConfig(
+        method="hardnet",
+        data=[f"multiview:{pools[0]}"],
+        out_dir=tmp_path / "r2",
+        steps=1,
+        batch_size=16,
+        val="none",
+        mr_size=6.0,
+    )
     assert train(cfg2).is_file()
     assert not (tmp_path / "r2" / "pools").exists()
 

@@ -71,8 +71,9 @@ def test_homography_jacobian_matches_finite_differences() -> None:
 def test_map_keypoints_similarity() -> None:
     # A rotation by 30 degrees (y down: clockwise on screen) and scale 1.5 about a point.
     t, s = math.radians(30), 1.5
-    h = np.array([[s * math.cos(t), -s * math.sin(t), 5], [s * math.sin(t), s * math.cos(t), -3],
-                  [0, 0, 1]])
+    h = np.array(
+        [[s * math.cos(t), -s * math.sin(t), 5], [s * math.sin(t), s * math.cos(t), -3], [0, 0, 1]]
+    )
     xy = np.array([[10.0, 20.0], [100.0, 50.0]])
     uv, size, ang, front = map_keypoints(h, xy, np.array([4.0, 8.0]), np.array([0.0, 350.0]))
     np.testing.assert_allclose(uv, (xy @ h[:2, :2].T + h[:2, 2]), atol=1e-4)
@@ -85,13 +86,15 @@ def test_map_keypoints_turns_orientations_as_gradients() -> None:
     # Stretching x by 2 turns an edge's normal at 45 degrees to atan(2) = 63.4 degrees (the
     # gradient maps by J^-T); a direction vector would turn to atan(1/2) instead.
     h = np.diag([2.0, 1.0, 1.0])
-    _, size, ang, _ = map_keypoints(h, np.zeros((3, 2)), np.full(3, 4.0),
-                                    np.array([45.0, 0.0, 90.0]))
+    _, size, ang, _ = map_keypoints(
+        h, np.zeros((3, 2)), np.full(3, 4.0), np.array([45.0, 0.0, 90.0])
+    )
     np.testing.assert_allclose(ang, [math.degrees(math.atan(2.0)), 0.0, 90.0], atol=1e-4)
     np.testing.assert_allclose(size, 4.0 * math.sqrt(2.0), rtol=1e-6)
     # A mirror keeps the sense of rotation consistent: x -> -x maps 30 degrees to 150.
-    _, _, ang, _ = map_keypoints(np.diag([-1.0, 1.0, 1.0]), np.zeros((1, 2)), np.ones(1),
-                                 np.array([30.0]))
+    _, _, ang, _ = map_keypoints(
+        np.diag([-1.0, 1.0, 1.0]), np.zeros((1, 2)), np.ones(1), np.array([30.0])
+    )
     np.testing.assert_allclose(ang, [150.0], atol=1e-4)
 
 
@@ -127,8 +130,9 @@ def test_mapped_orientations_agree_with_the_detector_under_tilt(scene: np.ndarra
 
 def test_tilt_is_area_preserving_foreshortening() -> None:
     # Only the tilt: the local map is R(phi) diag(sqrt t, 1/sqrt t) R(-phi), 1 <= t <= max.
-    bare = dict(max_rotation=0.0, scale_range=(1.0, 1.0), anisotropy=0.0, perspective=0.0,
-                translation=0.0)
+    bare = dict(
+        max_rotation=0.0, scale_range=(1.0, 1.0), anisotropy=0.0, perspective=0.0, translation=0.0
+    )
     rng = np.random.default_rng(0)
     tilts = []
     for _ in range(200):
@@ -148,8 +152,7 @@ def test_tilt_is_area_preserving_foreshortening() -> None:
         PhotoPairConfig(max_tilt=0.5)
 
 
-@pytest.mark.parametrize("pairing,tilt", [("detected", 1.0), ("mapped", 1.0),
-                                          ("detected", 3.0)])
+@pytest.mark.parametrize("pairing,tilt", [("detected", 1.0), ("mapped", 1.0), ("detected", 3.0)])
 def test_photo_pairs_agree(scene: np.ndarray, pairing: str, tilt: float) -> None:
     conf = PhotoPairConfig(pairing=pairing, max_tilt=tilt)
     res = photo_pairs(scene, np.random.default_rng(1), conf, max_pairs=256)
@@ -203,8 +206,9 @@ def test_photometric_range_and_determinism(scene: np.ndarray) -> None:
 
 def test_tilted_pools_are_named_apart(photo_dir: Path, tmp_path: Path) -> None:
     plain = build_photo_pool_for(photo_dir, tmp_path, 32, 6.0, 1.0, 16, 0, max_images=1)
-    tilted = build_photo_pool_for(photo_dir, tmp_path, 32, 6.0, 1.0, 16, 0, max_images=1,
-                                  conf=PhotoPairConfig(max_tilt=3.0))
+    tilted = build_photo_pool_for(
+        photo_dir, tmp_path, 32, 6.0, 1.0, 16, 0, max_images=1, conf=PhotoPairConfig(max_tilt=3.0)
+    )
     assert plain != tilted and is_pool(plain) and is_pool(tilted)
     conf = [json.loads((p / "meta.json").read_text())["photo_conf"] for p in (plain, tilted)]
     assert conf[0]["max_tilt"] == 1.0 and conf[1]["max_tilt"] == 3.0
@@ -213,8 +217,9 @@ def test_tilted_pools_are_named_apart(photo_dir: Path, tmp_path: Path) -> None:
 
 
 def test_build_pool_round_trip(photo_dir: Path, tmp_path: Path) -> None:
-    out = build_pool([photo_dir], tmp_path / "pool", pairs_per_image=64, patch_size=32,
-                     mr_size=6.0, seed=4)
+    out = build_pool(
+        [photo_dir], tmp_path / "pool", pairs_per_image=64, patch_size=32, mr_size=6.0, seed=4
+    )
     assert is_pool(out) and not (out / "parts").exists()
     pool = PairPool.load(out)
     meta = json.loads((out / "meta.json").read_text())
@@ -245,8 +250,16 @@ def test_build_pool_resumes_after_interruption(photo_dir: Path, tmp_path: Path) 
     parts = sorted(p.name for p in (tmp_path / "a" / "parts").glob("part_*.json"))
     assert parts == ["part_00000.json"] and not is_pool(tmp_path / "a")
     done: list[int] = []
-    build_pool([photo_dir], tmp_path / "a", 48, 32, 6.0, 1,
-               progress=lambda i, n, m: done.append(i), chunk_images=1)
+    build_pool(
+        [photo_dir],
+        tmp_path / "a",
+        48,
+        32,
+        6.0,
+        1,
+        progress=lambda i, n, m: done.append(i),
+        chunk_images=1,
+    )
     assert done == [2, 3]  # the first chunk was not made again
     build_pool([photo_dir], tmp_path / "b", 48, 32, 6.0, 1, chunk_images=3)
     a, b = PairPool.load(tmp_path / "a"), PairPool.load(tmp_path / "b")
@@ -292,8 +305,9 @@ def test_mixed_batches_deterministic_and_weighted() -> None:
     assert {mb.batch(s)[1] for s in range(20)} == {0} and k1 == k2 == 0
     half = MixedBatches([a, b], [1.0, 1.0], 16, 2, seed=3)
     assert {half.batch(s)[1] for s in range(30)} == {0, 1}
-    ranks = [MixedBatches([a], [1.0], 16, 2, seed=3, rank=r, world_size=2).batch(5)[0]
-             for r in range(2)]
+    ranks = [
+        MixedBatches([a], [1.0], 16, 2, seed=3, rank=r, world_size=2).batch(5)[0] for r in range(2)
+    ]
     full = MixedBatches([a], [1.0], 16, 2, seed=3).batch(5)[0]
     assert sorted(_rows(np.concatenate(ranks)).tolist()) == sorted(_rows(full).tolist())
 
@@ -303,7 +317,8 @@ def test_split_verification_set_and_crop() -> None:
     train, val = pool.split(0.2, seed=0)
     assert train.num_groups == 4 and val.num_groups == 1
     assert not set(_rows(train.gather(np.arange(train.num_points))).tolist()) & set(
-        _rows(val.gather(np.arange(val.num_points))).tolist())
+        _rows(val.gather(np.arange(val.num_points))).tolist()
+    )
     patches, idx0, idx1, is_match = train.verification_set(40, seed=1)
     assert patches.shape == (80, 8, 8) and is_match.sum() == 40 and len(is_match) == 80
     rows = _rows(patches[:, None])

@@ -42,9 +42,20 @@ def write_pool(path: Path, n: int = 256, groups: int = 4, p: int = 32, seed: int
     path.mkdir(parents=True, exist_ok=True)
     np.save(path / "pairs.npy", make_pairs(n, p, seed))
     offsets = np.linspace(0, n, groups + 1).astype(int).tolist()
-    (path / "meta.json").write_text(json.dumps({
-        "format": "descmatch-pairpool", "version": 1, "kind": "photos", "num_pairs": n,
-        "offsets": offsets, "patch_size": p, "mr_size": 6.0, "window_factor": 1.0}))
+    (path / "meta.json").write_text(
+        json.dumps(
+            {
+                "format": "descmatch-pairpool",
+                "version": 1,
+                "kind": "photos",
+                "num_pairs": n,
+                "offsets": offsets,
+                "patch_size": p,
+                "mr_size": 6.0,
+                "window_factor": 1.0,
+            }
+        )
+    )
     return path
 
 
@@ -77,8 +88,10 @@ def test_random_and_progressive_are_deterministic_and_split(sampler: str) -> Non
     mb = MixedBatches([pool], [1.0], 16, seed=3, sampler=sampler)
     again = MixedBatches([pool], [1.0], 16, seed=3, sampler=sampler)
     other = MixedBatches([pool], [1.0], 16, seed=4, sampler=sampler)
-    halves = [MixedBatches([pool], [1.0], 16, seed=3, rank=r, world_size=2, sampler=sampler)
-              for r in (0, 1)]
+    halves = [
+        MixedBatches([pool], [1.0], 16, seed=3, rank=r, world_size=2, sampler=sampler)
+        for r in (0, 1)
+    ]
     seen = set()
     for step in (0, 1, 7, 30):
         b, _ = mb.batch(step)
@@ -118,8 +131,16 @@ def cluster_describe(patches: np.ndarray) -> np.ndarray:
 
 def test_hard_negative_batches_mining_and_state() -> None:
     pool = mem_pool(240, 3)
-    mb = MixedBatches([pool], [1.0], 16, seed=1, sampler="hard-negative", mine_every=5,
-                      mine_points=96, mine_group=8)
+    mb = MixedBatches(
+        [pool],
+        [1.0],
+        16,
+        seed=1,
+        sampler="hard-negative",
+        mine_every=5,
+        mine_points=96,
+        mine_group=8,
+    )
     assert mb.mines and mb.needs_mining(0) and mb.mining_state() is None
     with pytest.raises(RuntimeError):
         mb.batch(0)
@@ -134,7 +155,7 @@ def test_hard_negative_batches_mining_and_state() -> None:
         # seed's cluster as the subset has left, the rest from other clusters.
         left = {c: int((subset % 8 == c).sum()) for c in range(8)}
         for g in (0, 8):
-            grp = pts[g:g + 8] % 8
+            grp = pts[g : g + 8] % 8
             same = int((grp == grp[0]).sum())
             assert same == min(8, left[int(grp[0])]), (grp, left)
             for c in grp.tolist():
@@ -145,8 +166,16 @@ def test_hard_negative_batches_mining_and_state() -> None:
     torch.save(state, buf)
     buf.seek(0)
     loaded = torch.load(buf, weights_only=True)
-    mb2 = MixedBatches([pool], [1.0], 16, seed=1, sampler="hard-negative", mine_every=5,
-                       mine_points=96, mine_group=8)
+    mb2 = MixedBatches(
+        [pool],
+        [1.0],
+        16,
+        seed=1,
+        sampler="hard-negative",
+        mine_every=5,
+        mine_points=96,
+        mine_group=8,
+    )
     mb2.load_mining_state(loaded)
     assert not mb2.needs_mining(3)
     for step in range(5):
@@ -155,8 +184,9 @@ def test_hard_negative_batches_mining_and_state() -> None:
     mb.mine(5, cluster_describe)
     assert not np.array_equal(mb.samplers[0].subset, subset)
     # A state of other settings is ignored (the next batch mines again).
-    mb3 = MixedBatches([pool], [1.0], 16, seed=1, sampler="hard-negative", mine_every=7,
-                       mine_points=96)
+    mb3 = MixedBatches(
+        [pool], [1.0], 16, seed=1, sampler="hard-negative", mine_every=7, mine_points=96
+    )
     mb3.load_mining_state(loaded)
     assert mb3.needs_mining(0)
 
@@ -184,10 +214,21 @@ def _losses(texts: list[str]) -> list[float]:
 def test_sampler_runs_and_resumes_exactly(pool_dir: Path, tmp_path: Path, sampler: str) -> None:
     def cfg(out: Path) -> TrainConfig:
         # hardnet: dropout (global RNG); crash at step 3 is mid mining round 1 (steps 2..3).
-        return TrainConfig(method="hardnet", data=[f"pool:{pool_dir}"], out_dir=out, steps=6,
-                           batch_size=16, checkpoint_every=3, log_every=1, val_pairs=40,
-                           eval_every=3, sampler=sampler, mine_every=2, mine_points=64,
-                           mine_group=8)
+        return TrainConfig(
+            method="hardnet",
+            data=[f"pool:{pool_dir}"],
+            out_dir=out,
+            steps=6,
+            batch_size=16,
+            checkpoint_every=3,
+            log_every=1,
+            val_pairs=40,
+            eval_every=3,
+            sampler=sampler,
+            mine_every=2,
+            mine_points=64,
+            mine_group=8,
+        )
 
     straight: list[str] = []
     a = train(cfg(tmp_path / "a"), lambda i, n, t: straight.append(t))
@@ -215,7 +256,8 @@ def test_sampler_runs_and_resumes_exactly(pool_dir: Path, tmp_path: Path, sample
     sa, sb = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
     for k, v in sa["state_dict"].items():
         assert torch.equal(v, sb["state_dict"][k]), k
-    assert [(r["step"], r["loss"], r["fpr95"]) for r in read_log(tmp_path / "a")] == \
-        [(r["step"], r["loss"], r["fpr95"]) for r in read_log(tmp_path / "b")]
+    assert [(r["step"], r["loss"], r["fpr95"]) for r in read_log(tmp_path / "a")] == [
+        (r["step"], r["loss"], r["fpr95"]) for r in read_log(tmp_path / "b")
+    ]
     meta = load_net("hardnet", b).meta
     assert meta["sampler"] == sampler and meta["steps"] == 6

@@ -26,8 +26,9 @@ def render_scene(width: int = 640, height: int = 480, seed: int = 0) -> np.ndarr
     for octave in range(5):  # multi-scale value noise
         s = 2 ** (octave + 2)
         small = rng.random((height // s + 2, width // s + 2)).astype(np.float32)
-        img += cv2.resize(small, (width + 2 * s, height + 2 * s),
-                          interpolation=cv2.INTER_CUBIC)[s:s + height, s:s + width] / (octave + 1)
+        img += cv2.resize(small, (width + 2 * s, height + 2 * s), interpolation=cv2.INTER_CUBIC)[
+            s : s + height, s : s + width
+        ] / (octave + 1)
     img = (img - img.min()) / (np.ptp(img) + 1e-6) * 120 + 60
     canvas = img.astype(np.uint8)
     for _ in range(60):
@@ -47,40 +48,69 @@ def render_scene(width: int = 640, height: int = 480, seed: int = 0) -> np.ndarr
             cv2.line(canvas, (x, y), (x2, y2), c, int(rng.integers(1, 6)), cv2.LINE_AA)
     words = ["descmatch", "L2-Net", "HardNet", "SOSNet", "SIFT", "patch", "match", "CVPR"]
     for _ in range(12):
-        cv2.putText(canvas, str(rng.choice(words)),
-                    (int(rng.integers(0, width - 100)), int(rng.integers(20, height))),
-                    int(rng.choice([cv2.FONT_HERSHEY_SIMPLEX, cv2.FONT_HERSHEY_DUPLEX])),
-                    float(rng.uniform(0.5, 1.6)), int(rng.integers(0, 256)),
-                    int(rng.integers(1, 3)), cv2.LINE_AA)
+        cv2.putText(
+            canvas,
+            str(rng.choice(words)),
+            (int(rng.integers(0, width - 100)), int(rng.integers(20, height))),
+            int(rng.choice([cv2.FONT_HERSHEY_SIMPLEX, cv2.FONT_HERSHEY_DUPLEX])),
+            float(rng.uniform(0.5, 1.6)),
+            int(rng.integers(0, 256)),
+            int(rng.integers(1, 3)),
+            cv2.LINE_AA,
+        )
     return cv2.GaussianBlur(canvas, (0, 0), 0.7)
 
 
-def view_homography(width: int, height: int, angle: float, scale: float,
-                    tilt: float, shift: tuple[float, float] = (0.0, 0.0)) -> np.ndarray:
+def view_homography(
+    width: int,
+    height: int,
+    angle: float,
+    scale: float,
+    tilt: float,
+    shift: tuple[float, float] = (0.0, 0.0),
+) -> np.ndarray:
     """Rotation and scale about the image centre plus a perspective tilt."""
     cx, cy = (width - 1) / 2, (height - 1) / 2
     t = np.deg2rad(angle)
-    a = np.array([[scale * np.cos(t), -scale * np.sin(t), 0], [scale * np.sin(t),
-                  scale * np.cos(t), 0], [tilt / width, 0.0, 1.0]])
+    a = np.array(
+        [
+            [scale * np.cos(t), -scale * np.sin(t), 0],
+            [scale * np.sin(t), scale * np.cos(t), 0],
+            [tilt / width, 0.0, 1.0],
+        ]
+    )
     c = np.array([[1, 0, -cx], [0, 1, -cy], [0, 0, 1]])
     back = np.array([[1, 0, cx + shift[0]], [0, 1, cy + shift[1]], [0, 0, 1]])
     return back @ a @ c
 
 
-def warp_view(img: np.ndarray, h: np.ndarray, gain: float = 1.0, gamma: float = 1.0,
-              noise: float = 0.0, seed: int = 0) -> np.ndarray:
+def warp_view(
+    img: np.ndarray,
+    h: np.ndarray,
+    gain: float = 1.0,
+    gamma: float = 1.0,
+    noise: float = 0.0,
+    seed: int = 0,
+) -> np.ndarray:
     """The scene seen through ``h`` with a lighting change. Shape: (H,W) uint8."""
     height, width = img.shape
-    out = cv2.warpPerspective(img, h, (width, height), flags=cv2.INTER_LINEAR,
-                              borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    out = cv2.warpPerspective(
+        img,
+        h,
+        (width, height),
+        flags=cv2.INTER_LINEAR,
+        borderMode=cv2.BORDER_CONSTANT,
+        borderValue=0,
+    )
     f = (out.astype(np.float32) / 255.0) ** gamma * gain
     if noise:
         f += np.random.default_rng(seed).normal(0, noise, f.shape).astype(np.float32)
     return np.clip(f * 255 + 0.5, 0, 255).astype(np.uint8)
 
 
-def make_views(width: int = 640, height: int = 480, seed: int = 0
-               ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+def make_views(
+    width: int = 640, height: int = 480, seed: int = 0
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Three views and the homographies from view 1 to views 2 and 3."""
     base = render_scene(width, height, seed)
     h2 = view_homography(width, height, 12.0, 0.9, 0.15, (8.0, -5.0))

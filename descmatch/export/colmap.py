@@ -60,7 +60,8 @@ def require_pycolmap() -> ModuleType:
         import pycolmap
     except ImportError:
         raise MissingDependencyError(
-            "pycolmap is not installed: pip install 'descmatch[sfm]'") from None
+            "pycolmap is not installed: pip install 'descmatch[sfm]'"
+        ) from None
     return pycolmap
 
 
@@ -88,8 +89,8 @@ def exif_focal_35mm(path: str | Path) -> float | None:
             continue
         if marker in (0xDA, 0xD9):  # start of scan / end of image: no more metadata
             return None
-        length = struct.unpack(">H", data[pos + 2:pos + 4])[0]
-        seg = data[pos + 4:pos + 2 + length]
+        length = struct.unpack(">H", data[pos + 2 : pos + 4])[0]
+        seg = data[pos + 4 : pos + 2 + length]
         if marker == 0xE1 and seg[:6] == b"Exif\x00\x00":
             try:
                 return _tiff_focal_35mm(seg[6:])
@@ -105,10 +106,10 @@ def _tiff_focal_35mm(tiff: bytes) -> float | None:
         return None
 
     def entries(offset: int) -> dict[int, tuple[int, int, bytes]]:
-        n = struct.unpack(order + "H", tiff[offset:offset + 2])[0]
+        n = struct.unpack(order + "H", tiff[offset : offset + 2])[0]
         out = {}
         for i in range(n):
-            e = tiff[offset + 2 + 12 * i: offset + 14 + 12 * i]
+            e = tiff[offset + 2 + 12 * i : offset + 14 + 12 * i]
             if len(e) < 12:
                 break
             tag, typ, count = struct.unpack(order + "HHI", e[:8])
@@ -183,14 +184,17 @@ def _pair_lookup(names: list[str], path: Path) -> dict[str, str]:
     for n in names:
         dashed = n.replace("/", "-")
         if dashed in lookup and lookup[dashed] != n:
-            raise InputError(f"{path}: image names {lookup[dashed]} and {n} have the same "
-                             "pair key (hloc replaces '/' by '-'); rename one")
+            raise InputError(
+                f"{path}: image names {lookup[dashed]} and {n} have the same "
+                "pair key (hloc replaces '/' by '-'); rename one"
+            )
         lookup[dashed] = n
     return lookup
 
 
-def _pairs_to_export(mr: Reader, names: list[str], pairs: list[tuple[str, str]] | None,
-                     result: ColmapExportResult) -> list[tuple[str, str, str]]:
+def _pairs_to_export(
+    mr: Reader, names: list[str], pairs: list[tuple[str, str]] | None, result: ColmapExportResult
+) -> list[tuple[str, str, str]]:
     """(key, name0, name1) of the stored pairs to export, name0 being the image whose
     keypoints ``matches0`` indexes."""
     todo = []
@@ -204,8 +208,9 @@ def _pairs_to_export(mr: Reader, names: list[str], pairs: list[tuple[str, str]] 
             elif pair_key(b, a) in mr:
                 todo.append((pair_key(b, a), b, a))
             else:
-                raise InputError(f"{mr.path}: has no matches for {a} {b} (run descmatch match "
-                                 "with these pairs)")
+                raise InputError(
+                    f"{mr.path}: has no matches for {a} {b} (run descmatch match with these pairs)"
+                )
         return todo
     lookup = _pair_lookup(names, mr.path)
     for key in sorted(mr.keys):
@@ -246,16 +251,42 @@ def export_colmap(
     """
     pycolmap = require_pycolmap()
     with colmap_logging(pycolmap, colmap_log):
-        return _export(pycolmap, features, matches, images, database, camera_mode, descriptors,
-                       verify, overwrite, min_inliers, max_error, num_threads, seed, pairs,
-                       progress)
+        return _export(
+            pycolmap,
+            features,
+            matches,
+            images,
+            database,
+            camera_mode,
+            descriptors,
+            verify,
+            overwrite,
+            min_inliers,
+            max_error,
+            num_threads,
+            seed,
+            pairs,
+            progress,
+        )
 
 
-def _export(pycolmap: Any, features: str | Path, matches: str | Path, images: ImageList,
-            database: str | Path, camera_mode: str, descriptors: bool, verify: bool,
-            overwrite: bool, min_inliers: int, max_error: float, num_threads: int, seed: int,
-            pairs: list[tuple[str, str]] | None,
-            progress: Callable[[int, int, str], None] | None) -> ColmapExportResult:
+def _export(
+    pycolmap: Any,
+    features: str | Path,
+    matches: str | Path,
+    images: ImageList,
+    database: str | Path,
+    camera_mode: str,
+    descriptors: bool,
+    verify: bool,
+    overwrite: bool,
+    min_inliers: int,
+    max_error: float,
+    num_threads: int,
+    seed: int,
+    pairs: list[tuple[str, str]] | None,
+    progress: Callable[[int, int, str], None] | None,
+) -> ColmapExportResult:
     features, matches, database = Path(features), Path(matches), Path(database)
     t0 = time.perf_counter()
     if camera_mode not in CAMERA_MODES:
@@ -275,19 +306,25 @@ def _export(pycolmap: Any, features: str | Path, matches: str | Path, images: Im
         known = set(fr.keys)
         missing = [n for n in names if n not in known]
         if missing:
-            raise InputError(f"{features}: has no features for {len(missing)} of the "
-                             f"{len(names)} images: {_listing(missing)} (run descmatch "
-                             "extract on the same images)")
+            raise InputError(
+                f"{features}: has no features for {len(missing)} of the "
+                f"{len(names)} images: {_listing(missing)} (run descmatch "
+                "extract on the same images)"
+            )
         dim = int(fr.attrs.get("descriptor_dim", 0))
         if descriptors and dim != 128:
-            raise InputError(f"{features}: descriptors are {dim}-D ({fr.attrs.get('method')}); "
-                             "COLMAP stores 128-D uint8 descriptors: leave out --descriptors or "
-                             "extract with a 128-D method (sosnet, hardnet, rootsift)")
+            raise InputError(
+                f"{features}: descriptors are {dim}-D ({fr.attrs.get('method')}); "
+                "COLMAP stores 128-D uint8 descriptors: leave out --descriptors or "
+                "extract with a 128-D method (sosnet, hardnet, rootsift)"
+            )
         sizes = {n: tuple(int(v) for v in fr._f[n]["image_size"][()]) for n in names}
         num_kpts = {n: int(fr._f[n]["keypoints"].shape[0]) for n in names}
         if camera_mode == "single" and len(set(sizes.values())) > 1:
-            raise InputError(f"{images.root}: images of {len(set(sizes.values()))} different "
-                             "sizes share one camera; use --camera-mode per-image")
+            raise InputError(
+                f"{images.root}: images of {len(set(sizes.values()))} different "
+                "sizes share one camera; use --camera-mode per-image"
+            )
         todo = _pairs_to_export(mr, names, pairs, result)
         db = pycolmap.Database.open(str(part))  # creates the file (COLMAP needs it to exist)
         try:
@@ -300,8 +337,10 @@ def _export(pycolmap: Any, features: str | Path, matches: str | Path, images: Im
                     db.write_keypoints(ids[n], kp)
                     if descriptors:
                         d = colmap_descriptors(g["descriptors"][()].T)
-                        db.write_descriptors(ids[n], pycolmap.FeatureDescriptors(
-                            pycolmap.FeatureExtractorType.SIFT, d))
+                        db.write_descriptors(
+                            ids[n],
+                            pycolmap.FeatureDescriptors(pycolmap.FeatureExtractorType.SIFT, d),
+                        )
                     if progress:
                         progress(i + 1, total, n)
                 done: set[int] = set()
@@ -312,8 +351,10 @@ def _export(pycolmap: Any, features: str | Path, matches: str | Path, images: Im
                     done.add(pid)
                     m0 = mr._f[key]["matches0"][()]
                     if len(m0) != num_kpts[a] or (len(m0) and int(m0.max()) >= num_kpts[b]):
-                        raise InputError(f"{matches}: matches of {a} {b} do not fit the "
-                                         f"keypoints in {features} (made from other features?)")
+                        raise InputError(
+                            f"{matches}: matches of {a} {b} do not fit the "
+                            f"keypoints in {features} (made from other features?)"
+                        )
                     i0 = np.nonzero(m0 >= 0)[0]
                     pairs = np.stack([i0, m0[i0]], 1).astype(np.uint32)
                     db.write_matches(ids[a], ids[b], pairs)
@@ -329,8 +370,12 @@ def _export(pycolmap: Any, features: str | Path, matches: str | Path, images: Im
         finally:
             db.close()
     if result.skipped_pairs:
-        log.info("%s: %d pair(s) name images outside %s, skipped", matches,
-                 result.skipped_pairs, images.root)
+        log.info(
+            "%s: %d pair(s) name images outside %s, skipped",
+            matches,
+            result.skipped_pairs,
+            images.root,
+        )
     if verify and result.pairs:
         tv = time.perf_counter()
         opts = pycolmap.TwoViewGeometryOptions()
@@ -339,8 +384,9 @@ def _export(pycolmap: Any, features: str | Path, matches: str | Path, images: Im
         opts.ransac.random_seed = seed
         vopts = pycolmap.GeometricVerifierOptions()
         vopts.num_threads = num_threads
-        pycolmap.geometric_verification(str(part), vopts,
-                                        pycolmap.ExistingMatchedPairingOptions(), opts)
+        pycolmap.geometric_verification(
+            str(part), vopts, pycolmap.ExistingMatchedPairingOptions(), opts
+        )
         result.verify_seconds = time.perf_counter() - tv
     with pycolmap.Database.open(str(part)) as db:
         _, inliers = db.read_two_view_geometry_num_inliers()
@@ -351,9 +397,15 @@ def _export(pycolmap: Any, features: str | Path, matches: str | Path, images: Im
     return result
 
 
-def _write_images(pycolmap: Any, db: Any, images: ImageList, names: list[str],
-                  sizes: dict[str, tuple[int, int]], camera_mode: str,
-                  result: ColmapExportResult) -> dict[str, int]:
+def _write_images(
+    pycolmap: Any,
+    db: Any,
+    images: ImageList,
+    names: list[str],
+    sizes: dict[str, tuple[int, int]],
+    camera_mode: str,
+    result: ColmapExportResult,
+) -> dict[str, int]:
     """Cameras, one rig per camera, images and one frame per image. Returns image ids."""
     ids: dict[str, int] = {}
     shared: tuple[int, int] | None = None  # (camera_id, rig_id)
@@ -372,8 +424,9 @@ def _write_images(pycolmap: Any, db: Any, images: ImageList, names: list[str],
         image_id = db.write_image(pycolmap.Image(name=n, camera_id=cam_id))
         frame = pycolmap.Frame()
         frame.rig_id = rig_id
-        frame.add_data_id(pycolmap.data_t(
-            pycolmap.sensor_t(pycolmap.SensorType.CAMERA, cam_id), image_id))
+        frame.add_data_id(
+            pycolmap.data_t(pycolmap.sensor_t(pycolmap.SensorType.CAMERA, cam_id), image_id)
+        )
         db.write_frame(frame)
         ids[n] = image_id
         result.images += 1

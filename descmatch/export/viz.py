@@ -14,8 +14,9 @@ INLIER = (80, 220, 80)  # BGR
 OUTLIER = (60, 60, 230)
 
 
-def verify(xy0: np.ndarray, xy1: np.ndarray, geometry: str = "fundamental",
-           threshold: float = 3.0) -> tuple[np.ndarray | None, np.ndarray]:
+def verify(
+    xy0: np.ndarray, xy1: np.ndarray, geometry: str = "fundamental", threshold: float = 3.0
+) -> tuple[np.ndarray | None, np.ndarray]:
     """RANSAC (MAGSAC++) on matched points. Returns the model and an inlier mask.
 
     Shape: xy0, xy1 (M,2) -> model (3,3) or None, mask (M,) bool.
@@ -28,8 +29,9 @@ def verify(xy0: np.ndarray, xy1: np.ndarray, geometry: str = "fundamental",
         return None, mask
     a, b = xy0.astype(np.float64), xy1.astype(np.float64)
     if geometry == "homography":
-        model, m = cv2.findHomography(a, b, cv2.USAC_MAGSAC, threshold, confidence=0.9999,
-                                      maxIters=10000)
+        model, m = cv2.findHomography(
+            a, b, cv2.USAC_MAGSAC, threshold, confidence=0.9999, maxIters=10000
+        )
     else:
         model, m = cv2.findFundamentalMat(a, b, cv2.USAC_MAGSAC, threshold, 0.9999, 10000)
         if model is not None and model.shape != (3, 3):
@@ -39,10 +41,18 @@ def verify(xy0: np.ndarray, xy1: np.ndarray, geometry: str = "fundamental",
     return model, m.ravel().astype(bool)
 
 
-def draw_matches(img0: np.ndarray, img1: np.ndarray, xy0: np.ndarray, xy1: np.ndarray,
-                 inliers: np.ndarray, max_side: int = 1600, max_lines: int = 500) -> np.ndarray:
+def draw_matches(
+    img0: np.ndarray,
+    img1: np.ndarray,
+    xy0: np.ndarray,
+    xy1: np.ndarray,
+    inliers: np.ndarray,
+    max_side: int = 1600,
+    max_lines: int = 500,
+) -> np.ndarray:
     """Draw both images side by side with lines between matches (at most ``max_lines``,
     an even sample, so dense matches stay readable). Shape: gray (H,W) [0,1]."""
+
     def to_bgr(img: np.ndarray) -> np.ndarray:
         u8 = np.clip(img * 255 + 0.5, 0, 255).astype(np.uint8)
         return cv2.cvtColor(u8, cv2.COLOR_GRAY2BGR)
@@ -51,7 +61,7 @@ def draw_matches(img0: np.ndarray, img1: np.ndarray, xy0: np.ndarray, xy1: np.nd
     w = img0.shape[1] + img1.shape[1]
     canvas = np.zeros((h, w, 3), np.uint8)
     canvas[: img0.shape[0], : img0.shape[1]] = to_bgr(img0)
-    canvas[: img1.shape[0], img0.shape[1]:] = to_bgr(img1)
+    canvas[: img1.shape[0], img0.shape[1] :] = to_bgr(img1)
     s = min(1.0, max_side / max(h, w))
     if s < 1.0:
         canvas = cv2.resize(canvas, (round(w * s), round(h * s)), interpolation=cv2.INTER_AREA)

@@ -43,13 +43,27 @@ def init_central_surround(net: CentralSurround, plain: DescriptorNet) -> None:
         raise ConfigError(f"{net.name} starts from {net.plain} weights, not {plain.name}")
     tower = getattr(plain, "tower", None)
     if tower is None or net.dim != 2 * plain.dim:
-        raise ConfigError(f"{net.name} ({net.dim}-D) cannot start from a {plain.dim}-D "
-                          f"{plain.name}")
+        raise ConfigError(
+            f"{net.name} ({net.dim}-D) cannot start from a {plain.dim}-D {plain.name}"
+        )
     state = tower.state_dict()
     net.center.load_state_dict(state)
     net.surround.load_state_dict(state)
 
 
-__all__ = ["MODELS", "NETS", "FrameNet", "CentralSurround", "DescriptorNet", "L2Tower", "build_net",
-           "init_central_surround", "standardize", "HardNet", "L2Net", "L2NetCS", "SOSNet",
-           "SOSNetCS"]
+__all__ = [
+    "MODELS",
+    "NETS",
+    "FrameNet",
+    "CentralSurround",
+    "DescriptorNet",
+    "L2Tower",
+    "build_net",
+    "init_central_surround",
+    "standardize",
+    "HardNet",
+    "L2Net",
+    "L2NetCS",
+    "SOSNet",
+    "SOSNetCS",
+]

@@ -11,15 +11,16 @@ from torch import nn
 from ..errors import ConfigError
 
 
-def merged_conf(name: str, defaults: dict[str, Any], conf: dict[str, Any] | None
-                ) -> dict[str, Any]:
+def merged_conf(name: str, defaults: dict[str, Any], conf: dict[str, Any] | None) -> dict[str, Any]:
     """A net's configuration: its defaults updated by ``conf``; unknown keys are an error
     that lists the valid ones."""
     conf = dict(conf or {})
     unknown = sorted(set(conf) - set(defaults))
     if unknown:
-        raise ConfigError(f"{name}: unknown config key(s) {', '.join(unknown)}; "
-                          f"valid keys: {', '.join(sorted(defaults))}")
+        raise ConfigError(
+            f"{name}: unknown config key(s) {', '.join(unknown)}; "
+            f"valid keys: {', '.join(sorted(defaults))}"
+        )
     return {**defaults, **conf}
 
 
@@ -83,7 +84,10 @@ class L2Tower(nn.Module):
         super().__init__()
         self.first = nn.Sequential(*_block(1, 32))
         self.middle = nn.Sequential(
-            *_block(32, 32), *_block(32, 64, 2), *_block(64, 64), *_block(64, 128, 2),
+            *_block(32, 32),
+            *_block(32, 64, 2),
+            *_block(64, 64),
+            *_block(64, 128, 2),
             *_block(128, 128),
         )
         self.head = nn.Sequential(

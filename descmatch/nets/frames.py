@@ -34,8 +34,11 @@ from .base import merged_conf, standardize
 
 
 def _block(cin: int, cout: int, stride: int = 1) -> list[nn.Module]:
-    return [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout),
-            nn.ReLU(inplace=True)]
+    return [
+        nn.Conv2d(cin, cout, 3, stride, 1, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+    ]
 
 
 class FrameNet(nn.Module):
@@ -44,21 +47,35 @@ class FrameNet(nn.Module):
     keeps the detector's frames."""
 
     name: ClassVar[str] = "frames"
-    default_conf: ClassVar[dict[str, Any]] = {"width": 16, "rotation": False,
-                                               "max_rotation": 60.0, "max_scale": 1.8}
+    default_conf: ClassVar[dict[str, Any]] = {
+        "width": 16,
+        "rotation": False,
+        "max_rotation": 60.0,
+        "max_scale": 1.8,
+    }
     patch_size: ClassVar[int] = 32
 
     def __init__(self, conf: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.conf: dict[str, Any] = merged_conf(self.name, self.default_conf, conf)
         w = int(self.conf["width"])
-        if not (0 < float(self.conf["max_rotation"]) <= 180 and float(self.conf["max_scale"]) > 1
-                and w > 0):
-            raise ConfigError("frames: needs width > 0, 0 < max_rotation <= 180 and "
-                              f"max_scale > 1, got {self.conf}")
-        self.body = nn.Sequential(*_block(1, w), *_block(w, w), *_block(w, 2 * w, 2),
-                                  *_block(2 * w, 2 * w), *_block(2 * w, 4 * w, 2),
-                                  *_block(4 * w, 4 * w))
+        if not (
+            0 < float(self.conf["max_rotation"]) <= 180
+            and float(self.conf["max_scale"]) > 1
+            and w > 0
+        ):
+            raise ConfigError(
+                "frames: needs width > 0, 0 < max_rotation <= 180 and "
+                f"max_scale > 1, got {self.conf}"
+            )
+        self.body = nn.Sequential(
+            *_block(1, w),
+            *_block(w, w),
+            *_block(w, 2 * w, 2),
+            *_block(2 * w, 2 * w),
+            *_block(2 * w, 4 * w, 2),
+            *_block(4 * w, 4 * w),
+        )
         self.rotation = bool(self.conf["rotation"])
         self.head = nn.Conv2d(4 * w, 2 if self.rotation else 1, kernel_size=8)
         nn.init.zeros_(self.head.weight)
@@ -74,10 +91,16 @@ class FrameNet(nn.Module):
 
 
 @torch.inference_mode()
-def refine_frames(net: FrameNet, image: torch.Tensor, xy: np.ndarray, size: np.ndarray,
-                  angle: np.ndarray, mr_size: float = DEFAULT_MR_SIZE,
-                  pyramid: list[torch.Tensor] | None = None, batch_size: int | None = None
-                  ) -> tuple[np.ndarray, np.ndarray]:
+def refine_frames(
+    net: FrameNet,
+    image: torch.Tensor,
+    xy: np.ndarray,
+    size: np.ndarray,
+    angle: np.ndarray,
+    mr_size: float = DEFAULT_MR_SIZE,
+    pyramid: list[torch.Tensor] | None = None,
+    batch_size: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """The refined sizes and angles (degrees, in [0, 360)) of keypoints: one pass of ``net``
     on their patches cut in the given frames (window ``mr_size x size``), in batches of
     ``batch_size`` (default: 256 on the CPU, 4x faster there than 2048, else 2048).
@@ -89,13 +112,14 @@ def refine_frames(net: FrameNet, image: torch.Tensor, xy: np.ndarray, size: np.n
     angle = np.asarray(angle, np.float32)
     if len(size) == 0:
         return size.copy(), angle.copy()
-    patches = extract_patches(image, xy, size, angle, patch_size=net.patch_size,
-                              mr_size=mr_size, pyramid=pyramid)
+    patches = extract_patches(
+        image, xy, size, angle, patch_size=net.patch_size, mr_size=mr_size, pyramid=pyramid
+    )
     if batch_size is None:
         batch_size = 256 if image.device.type == "cpu" else 2048
     thetas, rhos = [], []
     for i in range(0, len(patches), batch_size):
-        theta, rho = net(patches[i:i + batch_size])
+        theta, rho = net(patches[i : i + batch_size])
         thetas.append(theta)
         rhos.append(rho)
     theta = torch.cat(thetas).cpu().numpy().astype(np.float64)
@@ -105,11 +129,18 @@ def refine_frames(net: FrameNet, image: torch.Tensor, xy: np.ndarray, size: np.n
     return new_size.astype(np.float32), new_angle.astype(np.float32)
 
 
-def refined_keypoints(net: FrameNet, image: np.ndarray, kps: Any, device: torch.device,
-                      mr_size: float = DEFAULT_MR_SIZE, batch_size: int | None = None) -> Any:
+def refined_keypoints(
+    net: FrameNet,
+    image: np.ndarray,
+    kps: Any,
+    device: torch.device,
+    mr_size: float = DEFAULT_MR_SIZE,
+    batch_size: int | None = None,
+) -> Any:
     """:class:`~descmatch.detect.Keypoints` with the net's frames (same order and positions;
     OpenCV's own keypoints dropped, as they hold the old frames)."""
     img = torch.from_numpy(np.ascontiguousarray(image, np.float32)).to(device)
-    size, angle = refine_frames(net, img, kps.xy, kps.size, kps.angle, mr_size,
-                                batch_size=batch_size)
+    size, angle = refine_frames(
+        net, img, kps.xy, kps.size, kps.angle, mr_size, batch_size=batch_size
+    )
     return replace(kps, size=size, angle=angle, cv=None)

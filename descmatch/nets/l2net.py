@@ -52,8 +52,9 @@ class CentralSurround(DescriptorNet):
     def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         return self.forward_streams(x[:, :, 16:48, 16:48], F.avg_pool2d(x, kernel_size=2))
 
-    def forward_streams(self, c: torch.Tensor, s: torch.Tensor
-                        ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def forward_streams(
+        self, c: torch.Tensor, s: torch.Tensor
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """From the two streams' 32x32 inputs: the central window at full resolution and
         twice the window at half resolution (patches cut so by another route).
         Shape: c, s (N,1,32,32) -> (N,dim), feature maps."""

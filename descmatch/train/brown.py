@@ -90,9 +90,7 @@ class BrownDataset:
     patch are then left out by :meth:`pairs`.
     """
 
-    def __init__(
-        self, root: Path, patch_size: int = 32, max_patches: int | None = None
-    ) -> None:
+    def __init__(self, root: Path, patch_size: int = 32, max_patches: int | None = None) -> None:
         root = Path(root)
         if patch_size not in SUPPORTED_SIZES:
             raise ConfigError(

@@ -26,9 +26,7 @@ def fpr_at_recall(distances: np.ndarray, is_match: np.ndarray, recall: float = 0
     d = np.asarray(distances, dtype=np.float64).reshape(-1)
     m = np.asarray(is_match).reshape(-1).astype(bool)
     if d.shape != m.shape:
-        raise ValueError(
-            f"distances and is_match differ in length: {d.shape[0]} vs {m.shape[0]}"
-        )
+        raise ValueError(f"distances and is_match differ in length: {d.shape[0]} vs {m.shape[0]}")
     if not 0.0 < recall <= 1.0:
         raise ValueError(f"recall must be in (0, 1], got {recall}")
     if np.isnan(d).any():
@@ -68,9 +66,7 @@ def describe_patches(
     expected = getattr(net, "patch_size", None)
     if expected is not None and int(expected) != patches.shape[1]:
         label = getattr(net, "name", "") or type(net).__name__
-        raise ConfigError(
-            f"{label} takes {expected}-px patches, got {patches.shape[1]}-px ones"
-        )
+        raise ConfigError(f"{label} takes {expected}-px patches, got {patches.shape[1]}-px ones")
     device = torch.device(device)
     was_training = net.training
     net.eval()

@@ -109,17 +109,21 @@ class FramesConfig:
         if self.steps < 1 or self.batch_size < 2 or not self.lr > 0:
             raise ConfigError("frames: needs steps >= 1, batch size >= 2 and lr > 0")
         if self.objective not in OBJECTIVES:
-            raise ConfigError(f"--frame-loss {self.objective}: choose one of "
-                              f"{', '.join(OBJECTIVES)}")
+            raise ConfigError(
+                f"--frame-loss {self.objective}: choose one of {', '.join(OBJECTIVES)}"
+            )
         if (self.objective == "descriptor") != (self.teacher is not None):
-            raise ConfigError("--frame-loss descriptor needs --teacher (the descriptor weights "
-                              "it trains through), and --teacher needs --frame-loss descriptor")
+            raise ConfigError(
+                "--frame-loss descriptor needs --teacher (the descriptor weights "
+                "it trains through), and --teacher needs --frame-loss descriptor"
+            )
         if self.covariant_weight and self.objective != "descriptor":
             raise ConfigError("--covariant-weight adds to --frame-loss descriptor")
         if self.covariant_weight < 0 or self.mean_weight < 0:
             raise ConfigError("frames: needs covariant and mean weights >= 0")
-        self.teacher_size_pool = check_size_pool(tuple(self.teacher_size_pool),
-                                                 "--teacher-size-pool")
+        self.teacher_size_pool = check_size_pool(
+            tuple(self.teacher_size_pool), "--teacher-size-pool"
+        )
         if self.teacher_size_pool != (1.0,) and self.teacher is None:
             raise ConfigError("--teacher-size-pool applies to --frame-loss descriptor")
 
@@ -129,8 +133,17 @@ class FramesConfig:
         return self.objective == "descriptor"
 
 
-def frame_losses(theta1: Tensor, rho1: Tensor, theta2: Tensor, rho2: Tensor, a1: Tensor,
-                 s1: Tensor, a2: Tensor, s2: Tensor, jac: Tensor) -> tuple[Tensor, Tensor]:
+def frame_losses(
+    theta1: Tensor,
+    rho1: Tensor,
+    theta2: Tensor,
+    rho2: Tensor,
+    a1: Tensor,
+    s1: Tensor,
+    a2: Tensor,
+    s2: Tensor,
+    jac: Tensor,
+) -> tuple[Tensor, Tensor]:
     """Per-pair orientation and scale disagreement of refined frames.
 
     ``a1``, ``a2``: the detector's angles (degrees, OpenCV's convention); ``theta``: the net's
@@ -151,19 +164,25 @@ def frame_losses(theta1: Tensor, rho1: Tensor, theta2: Tensor, rho2: Tensor, a1:
     vy = (-j[:, 0, 1] * c + j[:, 0, 0] * s) * sign
     mapped = torch.atan2(vy, vx)
     angle_loss = 1.0 - torch.cos(mapped - t2)
-    log_ratio = (torch.log(s1) + rho1 + 0.5 * torch.log(det.abs().clamp_min(1e-12))
-                 - torch.log(s2) - rho2)
+    log_ratio = (
+        torch.log(s1) + rho1 + 0.5 * torch.log(det.abs().clamp_min(1e-12)) - torch.log(s2) - rho2
+    )
     return angle_loss, log_ratio**2
 
 
 def _pair_config(cfg: FramesConfig) -> PhotoPairConfig:
-    return PhotoPairConfig(max_tilt=cfg.max_tilt, max_angle_diff=cfg.pair_angle,
-                           max_size_ratio=cfg.pair_scale)
+    return PhotoPairConfig(
+        max_tilt=cfg.max_tilt, max_angle_diff=cfg.pair_angle, max_size_ratio=cfg.pair_scale
+    )
 
 
-def build_frame_pool(photo_dir: Path, out: Path, cfg: FramesConfig,
-                     progress: Progress | None = None, surround: bool = False
-                     ) -> tuple[Path, Path]:
+def build_frame_pool(
+    photo_dir: Path,
+    out: Path,
+    cfg: FramesConfig,
+    progress: Progress | None = None,
+    surround: bool = False,
+) -> tuple[Path, Path]:
     """The training and validation pools of one photo folder (built once, atomically).
 
     Shape: each ``.npz`` holds patches (K,2,P,P) uint8 (P = 32, or CONTEXT_PX with the
@@ -172,9 +191,14 @@ def build_frame_pool(photo_dir: Path, out: Path, cfg: FramesConfig,
     the same pairs cut over twice the context at half the resolution.
     """
     conf = _pair_config(cfg)
-    settings = {"format": POOL_FORMAT, "source": str(photo_dir.resolve()), "seed": cfg.seed,
-                "pairs_per_image": cfg.pairs_per_image, "max_images": cfg.max_images,
-                **conf.settings()}
+    settings = {
+        "format": POOL_FORMAT,
+        "source": str(photo_dir.resolve()),
+        "seed": cfg.seed,
+        "pairs_per_image": cfg.pairs_per_image,
+        "max_images": cfg.max_images,
+        **conf.settings(),
+    }
     cut = {}
     if cfg.context:
         settings["context"] = [CONTEXT, CONTEXT_PX]
@@ -193,26 +217,38 @@ def build_frame_pool(photo_dir: Path, out: Path, cfg: FramesConfig,
     rng = np.random.default_rng([cfg.seed, 11])
     held = set(range(min(10, len(items) - 1), len(items), 20))  # about 5%, at least one
     fields = (*FIELDS, "surround") if surround else FIELDS
-    parts: dict[bool, dict[str, list[np.ndarray]]] = {v: {k: [] for k in fields}
-                                                      for v in (False, True)}
+    parts: dict[bool, dict[str, list[np.ndarray]]] = {
+        v: {k: [] for k in fields} for v in (False, True)
+    }
     for i, (path, name) in enumerate(items):
-        pp = photo_pairs(load_photo(path, conf.max_side), rng, conf,
-                         max_pairs=cfg.pairs_per_image, **cut)
+        pp = photo_pairs(
+            load_photo(path, conf.max_side), rng, conf, max_pairs=cfg.pairs_per_image, **cut
+        )
         if progress:
             progress(i + 1, len(items), f"frame pool {name}")
         if pp.mode != "detected" or len(pp) == 0:
             continue  # mapped pairs carry no detector noise: nothing to learn from
         dest = parts[i in held]
-        for k, v in zip(fields, (pp.patches, pp.src_angle, pp.src_size, pp.dst_angle,
-                                 pp.dst_size,
-                                 homography_jacobian(pp.H, pp.src_xy).astype(np.float32),
-                                 pp.surround)[:len(fields)],
-                        strict=True):
+        for k, v in zip(
+            fields,
+            (
+                pp.patches,
+                pp.src_angle,
+                pp.src_size,
+                pp.dst_angle,
+                pp.dst_size,
+                homography_jacobian(pp.H, pp.src_xy).astype(np.float32),
+                pp.surround,
+            )[: len(fields)],
+            strict=True,
+        ):
             dest[k].append(v)
     for val, path in zip((False, True), paths, strict=True):
         if not parts[val]["a1"]:
-            raise ConfigError(f"{photo_dir}: no {'validation' if val else 'training'} pairs "
-                              "(too few photos with detected pairs)")
+            raise ConfigError(
+                f"{photo_dir}: no {'validation' if val else 'training'} pairs "
+                "(too few photos with detected pairs)"
+            )
         arrays = {k: np.concatenate(v) for k, v in parts[val].items()}
         tmp = path.with_name(path.name + ".tmp.npz")
         np.savez_compressed(tmp, **arrays, settings=json.dumps(settings))
@@ -237,11 +273,10 @@ def _net_input(x: Tensor) -> Tensor:
     """The frame net's patches: the central 32x32 of pool patches (all of 32x32 ones).
     Shape: (N,1,P,P) -> (N,1,32,32)."""
     m = (x.shape[-1] - FrameNet.patch_size) // 2
-    return x[..., m:m + FrameNet.patch_size, m:m + FrameNet.patch_size] if m else x
+    return x[..., m : m + FrameNet.patch_size, m : m + FrameNet.patch_size] if m else x
 
 
-def resample(context: Tensor, theta: Tensor, rho: Tensor, windows: float, size: int
-             ) -> Tensor:
+def resample(context: Tensor, theta: Tensor, rho: Tensor, windows: float, size: int) -> Tensor:
     """Patches in refined frames, cut from context patches (``CONTEXT`` windows wide, cut in
     the detector's frames): ``size`` px spanning ``windows`` keypoint windows, turned by
     ``theta`` and scaled by ``exp(rho)``, as :func:`~descmatch.patches.extract_patches` cuts
@@ -255,8 +290,7 @@ def resample(context: Tensor, theta: Tensor, rho: Tensor, windows: float, size: 
     z = torch.zeros_like(k)
     a = torch.stack([torch.stack([c, -s, z], 1), torch.stack([s, c, z], 1)], 1)
     grid = F.affine_grid(a, [len(k), 1, size, size], align_corners=False)
-    return F.grid_sample(context, grid, mode="bilinear", padding_mode="border",
-                         align_corners=False)
+    return F.grid_sample(context, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
 def _stack(b: dict[str, Tensor], key: str, device: torch.device) -> Tensor | None:
@@ -267,9 +301,9 @@ def _stack(b: dict[str, Tensor], key: str, device: torch.device) -> Tensor | Non
     return torch.cat([p[:, 0:1], p[:, 1:2]])
 
 
-def _batch_losses(net: FrameNet, b: dict[str, Tensor], device: torch.device,
-                  refine: bool = True
-                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, tuple[Tensor, Tensor | None]]:
+def _batch_losses(
+    net: FrameNet, b: dict[str, Tensor], device: torch.device, refine: bool = True
+) -> tuple[Tensor, Tensor, Tensor, Tensor, tuple[Tensor, Tensor | None]]:
     """Per-pair losses of a batch with the net's refinements (``refine``) or with the
     detector's frames (rotations and log scales 0); also the rotations and log scales of
     the sources then the warps, and the pool patches and surrounds (or None) in that order.
@@ -279,36 +313,46 @@ def _batch_losses(net: FrameNet, b: dict[str, Tensor], device: torch.device,
     n = x.shape[0] // 2
     if refine:
         inp = _net_input(x)
-        outs = [net(inp[i:i + CHUNK]) for i in range(0, len(inp), CHUNK)]
+        outs = [net(inp[i : i + CHUNK]) for i in range(0, len(inp), CHUNK)]
         theta = torch.cat([o[0] for o in outs])
         rho = torch.cat([o[1] for o in outs])
     else:
         theta = rho = torch.zeros(2 * n, device=device)
     f = {k: b[k].to(device).float() for k in FIELDS[1:]}
-    lo, ls = frame_losses(theta[:n], rho[:n], theta[n:], rho[n:], f["a1"], f["s1"], f["a2"],
-                          f["s2"], f["jac"])
+    lo, ls = frame_losses(
+        theta[:n], rho[:n], theta[n:], rho[n:], f["a1"], f["s1"], f["a2"], f["s2"], f["jac"]
+    )
     return lo, ls, theta, rho, (x, _stack(b, "surround", device))
 
 
-def _teacher_descriptors(teacher: nn.Module, ctx: tuple[Tensor, Tensor | None], theta: Tensor,
-                         rho: Tensor, size_pool: tuple[float, ...] = (1.0,)) -> Tensor:
+def _teacher_descriptors(
+    teacher: nn.Module,
+    ctx: tuple[Tensor, Tensor | None],
+    theta: Tensor,
+    rho: Tensor,
+    size_pool: tuple[float, ...] = (1.0,),
+) -> Tensor:
     """The teacher's descriptors of pool patches in the given frames: a central-surround
     teacher's streams from the context and the surround (each cut to 32x32 over one of their
     windows), a plain one's from the context. With ``size_pool`` factors, the normalised sum
     of the descriptors at those factors of the size, as ``--size-pool`` describes.
     Shape: -> (2N,D)."""
     if size_pool != (1.0,):
-        return F.normalize(sum(_teacher_descriptors(teacher, ctx, theta, rho + math.log(f))
-                               for f in size_pool), dim=1)
+        return F.normalize(
+            sum(_teacher_descriptors(teacher, ctx, theta, rho + math.log(f)) for f in size_pool),
+            dim=1,
+        )
     x, xs = ctx
     c = resample(x, theta, rho, 1.0, 32)
     if isinstance(teacher, CentralSurround):
         assert xs is not None
         s = resample(xs, theta, rho, 1.0, 32)
-        outs = [teacher.forward_streams(c[i:i + CHUNK], s[i:i + CHUNK])[0]
-                for i in range(0, len(c), CHUNK)]
+        outs = [
+            teacher.forward_streams(c[i : i + CHUNK], s[i : i + CHUNK])[0]
+            for i in range(0, len(c), CHUNK)
+        ]
     else:
-        outs = [teacher(c[i:i + CHUNK]) for i in range(0, len(c), CHUNK)]
+        outs = [teacher(c[i : i + CHUNK]) for i in range(0, len(c), CHUNK)]
     return torch.cat(outs)
 
 
@@ -321,9 +365,14 @@ def mutual_nn_share(d1: Tensor, d2: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def validate(net: FrameNet, val: dict[str, Tensor], device: torch.device,
-             teacher: nn.Module | None = None, batch: int = VAL_GROUP,
-             teacher_size_pool: tuple[float, ...] = (1.0,)) -> dict[str, float]:
+def validate(
+    net: FrameNet,
+    val: dict[str, Tensor],
+    device: torch.device,
+    teacher: nn.Module | None = None,
+    batch: int = VAL_GROUP,
+    teacher_size_pool: tuple[float, ...] = (1.0,),
+) -> dict[str, float]:
     """Shares of validation pairs whose frames disagree by > 30 degrees or > 1.5x, and
     either, with the detector's frames and the refined ones; mean losses. With a ``teacher``
     descriptor (size-pooled over ``teacher_size_pool``), also the share of pairs that are
@@ -334,7 +383,7 @@ def validate(net: FrameNet, val: dict[str, Tensor], device: torch.device,
     acc: dict[str, list[Tensor]] = {k: [] for k in ("lo0", "ls0", "lo", "ls", "m0", "m", "ld")}
     n = len(val["a1"])
     for i in range(0, n, batch):
-        b = {k: v[i:i + batch] for k, v in val.items()}
+        b = {k: v[i : i + batch] for k, v in val.items()}
         lo, ls, theta, rho, ctx = _batch_losses(net, b, device)
         lo0, ls0, _, _, _ = _batch_losses(net, b, device, refine=False)
         for k, v in (("lo0", lo0), ("ls0", ls0), ("lo", lo), ("ls", ls)):
@@ -382,8 +431,11 @@ def _init_from(net: FrameNet, init: FrameNet, spec: str) -> None:
     own = net.state_dict()
     w, b = state["head.weight"], state["head.bias"]
     if w.shape[0] == 1 and own["head.weight"].shape[0] == 2:
-        state = {**state, "head.weight": torch.cat([torch.zeros_like(w), w]),
-                 "head.bias": torch.cat([torch.zeros_like(b), b])}
+        state = {
+            **state,
+            "head.weight": torch.cat([torch.zeros_like(w), w]),
+            "head.bias": torch.cat([torch.zeros_like(b), b]),
+        }
     try:
         net.load_state_dict(state)
     except RuntimeError:
@@ -405,8 +457,9 @@ def train_frames(cfg: FramesConfig, progress: Progress | None = None) -> Path:
     out = cfg.out_dir
     ckpt_path = out / "checkpoint.pt"
     if ckpt_path.exists() and not cfg.resume:
-        raise OutputError(f"{out}: holds a run already; pass --resume to continue it or "
-                          "choose another --out")
+        raise OutputError(
+            f"{out}: holds a run already; pass --resume to continue it or choose another --out"
+        )
     if cfg.resume and not ckpt_path.exists():
         raise OutputError(f"{ckpt_path}: nothing to resume")
     device = torch.device(cfg.device)
@@ -417,8 +470,12 @@ def train_frames(cfg: FramesConfig, progress: Progress | None = None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
 
-    pools = [build_frame_pool(p, out / "pools", cfg, progress,
-                              surround=isinstance(teacher, CentralSurround)) for p in specs]
+    pools = [
+        build_frame_pool(
+            p, out / "pools", cfg, progress, surround=isinstance(teacher, CentralSurround)
+        )
+        for p in specs
+    ]
     train = _load_pools([p[0] for p in pools])
     val = _load_pools([p[1] for p in pools])
     n = len(train["a1"])
@@ -433,8 +490,7 @@ def train_frames(cfg: FramesConfig, progress: Progress | None = None) -> Path:
     step, log_rows, before = 0, [], 0.0
     if cfg.resume:
         ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        if ck["config"]["steps"] != cfg.steps or ck["config"]["data"] != [str(d) for d in
-                                                                            cfg.data]:
+        if ck["config"]["steps"] != cfg.steps or ck["config"]["data"] != [str(d) for d in cfg.data]:
             raise ConfigError(f"{ckpt_path}: was started with other --steps or --data")
         net.load_state_dict(ck["state_dict"])
         opt.load_state_dict(ck["optimizer"])
@@ -448,16 +504,33 @@ def train_frames(cfg: FramesConfig, progress: Progress | None = None) -> Path:
         return before + time.perf_counter() - t0
 
     def meta(metrics: dict[str, float]) -> dict[str, Any]:
-        return {"data": ", ".join(str(d) for d in cfg.data), "steps": step,
-                "mr_size": DEFAULT_MR_SIZE, "seconds": round(elapsed(), 1),
-                "hardware": _hardware(device),
-                "pairs": n, "command": cfg.command, "config": _config_dict(cfg),
-                "headline": _headline(metrics), "val": metrics, **(teacher_info or {})}
+        return {
+            "data": ", ".join(str(d) for d in cfg.data),
+            "steps": step,
+            "mr_size": DEFAULT_MR_SIZE,
+            "seconds": round(elapsed(), 1),
+            "hardware": _hardware(device),
+            "pairs": n,
+            "command": cfg.command,
+            "config": _config_dict(cfg),
+            "headline": _headline(metrics),
+            "val": metrics,
+            **(teacher_info or {}),
+        }
 
     def save(metrics: dict[str, float]) -> None:
-        save_checkpoint(ckpt_path, net, meta(metrics), optimizer=opt.state_dict(),
-                        scheduler=sched.state_dict(), generator=gen.get_state(), step=step,
-                        log=log_rows, config=_config_dict(cfg), seconds=elapsed())
+        save_checkpoint(
+            ckpt_path,
+            net,
+            meta(metrics),
+            optimizer=opt.state_dict(),
+            scheduler=sched.state_dict(),
+            generator=gen.get_state(),
+            step=step,
+            log=log_rows,
+            config=_config_dict(cfg),
+            seconds=elapsed(),
+        )
         _write_logs(out, log_rows)
 
     t0 = time.perf_counter()
@@ -467,14 +540,13 @@ def train_frames(cfg: FramesConfig, progress: Progress | None = None) -> Path:
     net.train()
     while step < cfg.steps:
         idx = torch.randint(0, n, (cfg.batch_size,), generator=gen)
-        lo, ls, theta, rho, ctx = _batch_losses(net, {k: v[idx] for k, v in train.items()},
-                                                device)
+        lo, ls, theta, rho, ctx = _batch_losses(net, {k: v[idx] for k, v in train.items()}, device)
         mean = cfg.mean_weight * (theta.mean() ** 2 + rho.mean() ** 2)
         if teacher is None:
             loss = lo.mean() + ls.mean() + mean
         else:
             d = _teacher_descriptors(teacher, ctx, theta, rho, cfg.teacher_size_pool)
-            ld = hardnet_loss(d[:len(lo)], d[len(lo):], constant_negatives=True)
+            ld = hardnet_loss(d[: len(lo)], d[len(lo) :], constant_negatives=True)
             loss = ld + cfg.covariant_weight * (lo.mean() + ls.mean()) + mean
             run_ld += float(ld.detach())
         opt.zero_grad(set_to_none=True)
@@ -491,11 +563,15 @@ def train_frames(cfg: FramesConfig, progress: Progress | None = None) -> Path:
         last = step == cfg.steps
         timed_out = cfg.time_limit_s is not None and time.perf_counter() - t0 > cfg.time_limit_s
         if step % cfg.eval_every == 0 or last or timed_out:
-            metrics = {"step": step, "angle_loss": run_lo / run_k, "scale_loss": run_ls / run_k,
-                       **({"descriptor_loss": run_ld / run_k} if teacher is not None else {}),
-                       "lr": sched.get_last_lr()[0], **validate(net, val, device, teacher,
-                                                     teacher_size_pool=cfg.teacher_size_pool),
-                       "seconds": elapsed()}
+            metrics = {
+                "step": step,
+                "angle_loss": run_lo / run_k,
+                "scale_loss": run_ls / run_k,
+                **({"descriptor_loss": run_ld / run_k} if teacher is not None else {}),
+                "lr": sched.get_last_lr()[0],
+                **validate(net, val, device, teacher, teacher_size_pool=cfg.teacher_size_pool),
+                "seconds": elapsed(),
+            }
             log_rows.append(metrics)
             run_lo = run_ls = run_ld = 0.0
             run_k = 0
@@ -509,11 +585,12 @@ def train_frames(cfg: FramesConfig, progress: Progress | None = None) -> Path:
 
 def _headline(m: dict[str, float]) -> str:
     nan = float("nan")
-    text = (f"frames off (>30 deg or >1.5x): detector {m.get('detector_off', nan):.3f} -> "
-            f"refined {m.get('refined_off', nan):.3f}")
+    text = (
+        f"frames off (>30 deg or >1.5x): detector {m.get('detector_off', nan):.3f} -> "
+        f"refined {m.get('refined_off', nan):.3f}"
+    )
     if "refined_mnn" in m:
-        text += (f"; mutual NN: detector {m['detector_mnn']:.3f} -> refined "
-                 f"{m['refined_mnn']:.3f}")
+        text += f"; mutual NN: detector {m['detector_mnn']:.3f} -> refined {m['refined_mnn']:.3f}"
     return text
 
 

@@ -73,7 +73,8 @@ def is_sequence(path: str | Path) -> bool:
     """Whether ``path`` is an HPatches-style sequence (an image ``1.*`` and ``H_1_2``)."""
     p = Path(path)
     return (p / "H_1_2").is_file() and any(
-        f.stem == "1" and is_image(f) for f in p.iterdir() if f.is_file())
+        f.stem == "1" and is_image(f) for f in p.iterdir() if f.is_file()
+    )
 
 
 def find_sequences(path: str | Path) -> list[Path]:
@@ -85,8 +86,10 @@ def find_sequences(path: str | Path) -> list[Path]:
         return [p]
     seqs = sorted(d for d in p.iterdir() if d.is_dir() and is_sequence(d))
     if not seqs:
-        raise InputError(f"{p}: neither an HPatches-style sequence (images 1..N and H_1_i) nor "
-                         "a folder of such sequences")
+        raise InputError(
+            f"{p}: neither an HPatches-style sequence (images 1..N and H_1_i) nor "
+            "a folder of such sequences"
+        )
     return seqs
 
 
@@ -110,10 +113,18 @@ def detect(image: np.ndarray, detector: SiftDetector) -> Keypoints:
     return kp.select(_dedupe(kp.xy, kp.size, kp.angle))
 
 
-def homography_pairs(kp1: Keypoints, shape1: tuple[int, int], kpi: Keypoints,
-                     shape_i: tuple[int, int], h: np.ndarray, rng: np.random.Generator,
-                     conf: PhotoPairConfig = PhotoPairConfig(), mr_size: float = DEFAULT_MR_SIZE,
-                     window_factor: float = 1.0, max_pairs: int = 512) -> HomographyPairs:
+def homography_pairs(
+    kp1: Keypoints,
+    shape1: tuple[int, int],
+    kpi: Keypoints,
+    shape_i: tuple[int, int],
+    h: np.ndarray,
+    rng: np.random.Generator,
+    conf: PhotoPairConfig = PhotoPairConfig(),
+    mr_size: float = DEFAULT_MR_SIZE,
+    window_factor: float = 1.0,
+    max_pairs: int = 512,
+) -> HomographyPairs:
     """Pair image-1 keypoints mapped by ``h`` with detected image-i keypoints (the photos
     kind's detected-pairing rules), windows inside both images, at most ``max_pairs`` drawn
     from ``rng``. Shapes: image shapes (H,W); h (3,3) image 1 -> image i."""
@@ -127,12 +138,21 @@ def homography_pairs(kp1: Keypoints, shape1: tuple[int, int], kpi: Keypoints,
     # Image-i windows: inside image i, and mapped back, inside image 1 (in front).
     corners = _window_corners(kpi.xy, kpi.size, kpi.angle, win)
     back, w = apply_homography(h_inv, corners.reshape(-1, 2))
-    ok_i = (_inside(corners, wi, hi, conf.margin)
-            & _inside(back.reshape(-1, 4, 2), w1, h1, conf.margin)
-            & (w.reshape(-1, 4) > 0).all(1))
+    ok_i = (
+        _inside(corners, wi, hi, conf.margin)
+        & _inside(back.reshape(-1, 4, 2), w1, h1, conf.margin)
+        & (w.reshape(-1, 4) > 0).all(1)
+    )
     valid_i = np.flatnonzero(ok_i)
-    si, wj = _pair_detected(m_xy[cand], m_size[cand], m_angle[cand], kpi.xy[valid_i],
-                            kpi.size[valid_i], kpi.angle[valid_i], conf)
+    si, wj = _pair_detected(
+        m_xy[cand],
+        m_size[cand],
+        m_angle[cand],
+        kpi.xy[valid_i],
+        kpi.size[valid_i],
+        kpi.angle[valid_i],
+        conf,
+    )
     idx1, idx_i = cand[si], valid_i[wj]
     if len(idx1) > max_pairs:
         pick = np.sort(rng.choice(len(idx1), size=max_pairs, replace=False))
@@ -140,24 +160,43 @@ def homography_pairs(kp1: Keypoints, shape1: tuple[int, int], kpi: Keypoints,
     return HomographyPairs(idx1.astype(np.int64), idx_i.astype(np.int64))
 
 
-def _cut(image: np.ndarray, kp: Keypoints, idx: np.ndarray, patch_size: int, mr_size: float,
-         window_factor: float) -> np.ndarray:
+def _cut(
+    image: np.ndarray,
+    kp: Keypoints,
+    idx: np.ndarray,
+    patch_size: int,
+    mr_size: float,
+    window_factor: float,
+) -> np.ndarray:
     """Patches of the keypoints ``idx`` of one image, one batched call. Shape: -> (K,P,P) uint8."""
     if len(idx) == 0:
         return np.zeros((0, patch_size, patch_size), np.uint8)
     with torch.inference_mode():
         t = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
-        p = extract_patches(t, kp.xy[idx], kp.size[idx], kp.angle[idx], patch_size=patch_size,
-                            mr_size=mr_size, window_factor=window_factor,
-                            pyramid=build_pyramid(t))
+        p = extract_patches(
+            t,
+            kp.xy[idx],
+            kp.size[idx],
+            kp.angle[idx],
+            patch_size=patch_size,
+            mr_size=mr_size,
+            window_factor=window_factor,
+            pyramid=build_pyramid(t),
+        )
         return (p[:, 0] * 255.0 + 0.5).clamp_(0, 255).to(torch.uint8).numpy()
 
 
-def sequence_pairs(seq: str | Path, index: int, seed: int, conf: PhotoPairConfig,
-                   patch_size: int = 32, mr_size: float = DEFAULT_MR_SIZE,
-                   window_factor: float = 1.0, max_pairs: int = 512,
-                   detector: SiftDetector | None = None
-                   ) -> list[tuple[str, np.ndarray]]:
+def sequence_pairs(
+    seq: str | Path,
+    index: int,
+    seed: int,
+    conf: PhotoPairConfig,
+    patch_size: int = 32,
+    mr_size: float = DEFAULT_MR_SIZE,
+    window_factor: float = 1.0,
+    max_pairs: int = 512,
+    detector: SiftDetector | None = None,
+) -> list[tuple[str, np.ndarray]]:
     """The patch pairs of every image pair (1, i) of a sequence (``index``: its number, for the
     random streams). Shape: -> [(name "SEQ/1-i", (K,2,P,P) uint8)], i = 2..N."""
     seq = Path(seq)
@@ -174,9 +213,23 @@ def sequence_pairs(seq: str | Path, index: int, seed: int, conf: PhotoPairConfig
             raise InputError(f"{seq}: image {paths[i - 1].name} has no {hfile.name}")
         h = read_homography(hfile)
         rng = np.random.default_rng([seed, index, i])
-        found.append((i, homography_pairs(kps[0], images[0].shape, kps[i - 1],
-                                          images[i - 1].shape, h, rng, conf, mr_size,
-                                          window_factor, max_pairs)))
+        found.append(
+            (
+                i,
+                homography_pairs(
+                    kps[0],
+                    images[0].shape,
+                    kps[i - 1],
+                    images[i - 1].shape,
+                    h,
+                    rng,
+                    conf,
+                    mr_size,
+                    window_factor,
+                    max_pairs,
+                ),
+            )
+        )
     # Image 1: one call for the keypoints of all its pairs; image i: one call each.
     all1 = np.concatenate([hp.idx1 for _, hp in found])
     cut1 = _cut(images[0], kps[0], all1, patch_size, mr_size, window_factor)
@@ -184,9 +237,8 @@ def sequence_pairs(seq: str | Path, index: int, seed: int, conf: PhotoPairConfig
     for i, hp in found:
         k = len(hp)
         pairs = np.empty((k, 2, patch_size, patch_size), np.uint8)
-        pairs[:, 0] = cut1[pos:pos + k]
-        pairs[:, 1] = _cut(images[i - 1], kps[i - 1], hp.idx_i, patch_size, mr_size,
-                           window_factor)
+        pairs[:, 0] = cut1[pos : pos + k]
+        pairs[:, 1] = _cut(images[i - 1], kps[i - 1], hp.idx_i, patch_size, mr_size, window_factor)
         pos += k
         out.append((f"{seq.name}/1-{i}", pairs))
     return out
@@ -214,11 +266,17 @@ def build_hpatches_pool(
         raise ConfigError("build_hpatches_pool: pairs_per_image must be >= 1 and patch_size >= 8")
     seqs = [s for p in paths for s in find_sequences(p)]
     settings = {
-        "format": POOL_FORMAT, "version": POOL_VERSION, "kind": "hpatches",
+        "format": POOL_FORMAT,
+        "version": POOL_VERSION,
+        "kind": "hpatches",
         "sources": [str(Path(p).resolve()) for p in paths],
-        "sequences": [s.name for s in seqs], "pairs_per_image": pairs_per_image,
-        "patch_size": patch_size, "mr_size": mr_size, "window_factor": window_factor,
-        "seed": seed, "photo_conf": conf.settings(),
+        "sequences": [s.name for s in seqs],
+        "pairs_per_image": pairs_per_image,
+        "patch_size": patch_size,
+        "mr_size": mr_size,
+        "window_factor": window_factor,
+        "seed": seed,
+        "photo_conf": conf.settings(),
     }
     settings, parts = start_pool_build(out, settings)
     if parts is None:
@@ -231,16 +289,28 @@ def build_hpatches_pool(
         if part_done(parts, c):
             continue
         try:
-            groups = sequence_pairs(seq, c, seed, conf, patch_size, mr_size, window_factor,
-                                    pairs_per_image, det)
+            groups = sequence_pairs(
+                seq, c, seed, conf, patch_size, mr_size, window_factor, pairs_per_image, det
+            )
             error = ""
         except (ImageReadError, InputError) as e:
             log.warning("skipped: %s", e)
             groups, error = [], str(e)
-        data = (np.concatenate([g for _, g in groups]) if groups
-                else np.zeros((0, 2, patch_size, patch_size), np.uint8))
-        write_part(parts, c, data, {"names": [n for n, _ in groups],
-                                    "counts": [len(g) for _, g in groups], "error": error})
+        data = (
+            np.concatenate([g for _, g in groups])
+            if groups
+            else np.zeros((0, 2, patch_size, patch_size), np.uint8)
+        )
+        write_part(
+            parts,
+            c,
+            data,
+            {
+                "names": [n for n, _ in groups],
+                "counts": [len(g) for _, g in groups],
+                "error": error,
+            },
+        )
         made += len(data)
         if progress:
             progress(c + 1, len(seqs), f"{seq.name}: {len(data)} pairs")
@@ -272,20 +342,55 @@ def build_hpatches_pool(
     return out
 
 
-def build_hpatches_pool_for(path: str | Path, cache_root: str | Path, patch_size: int,
-                            mr_size: float, window_factor: float, pairs_per_image: int,
-                            seed: int, progress: Progress | None = None,
-                            conf: PhotoPairConfig | None = None) -> Path:
+def build_hpatches_pool_for(
+    path: str | Path,
+    cache_root: str | Path,
+    patch_size: int,
+    mr_size: float,
+    window_factor: float,
+    pairs_per_image: int,
+    seed: int,
+    progress: Progress | None = None,
+    conf: PhotoPairConfig | None = None,
+) -> Path:
     """Build (or reuse) the pool of an HPatches-style folder under ``cache_root``, named by the
     folder and a digest of the settings."""
     conf = conf or PhotoPairConfig()
-    key = json.dumps([str(Path(path).resolve()), patch_size, mr_size, window_factor,
-                      pairs_per_image, seed, "hpatches", conf.settings()], sort_keys=True)
+    key = json.dumps(
+        [
+            str(Path(path).resolve()),
+            patch_size,
+            mr_size,
+            window_factor,
+            pairs_per_image,
+            seed,
+            "hpatches",
+            conf.settings(),
+        ],
+        sort_keys=True,
+    )
     digest = hashlib.sha256(key.encode()).hexdigest()[:10]
     out = Path(cache_root) / f"hpatches-{Path(path).resolve().name}-{patch_size}px-{digest}"
-    return build_hpatches_pool([path], out, pairs_per_image, patch_size, mr_size, seed, progress,
-                               window_factor=window_factor, conf=conf)
+    return build_hpatches_pool(
+        [path],
+        out,
+        pairs_per_image,
+        patch_size,
+        mr_size,
+        seed,
+        progress,
+        window_factor=window_factor,
+        conf=conf,
+    )
 
 
-__all__ = ["find_sequences", "is_sequence", "HomographyPairs", "detect", "homography_pairs",
-           "sequence_pairs", "build_hpatches_pool", "build_hpatches_pool_for"]
+__all__ = [
+    "find_sequences",
+    "is_sequence",
+    "HomographyPairs",
+    "detect",
+    "homography_pairs",
+    "sequence_pairs",
+    "build_hpatches_pool",
+    "build_hpatches_pool_for",
+]

@@ -247,24 +247,32 @@ class TrainConfig:
             raise ConfigError(f"unknown optimizer {opt!r}; valid: {', '.join(OPTIMIZER_LR)}")
         same = opt == d["optimizer"]
         lr = self.lr if self.lr is not None else (d["lr"] if same else OPTIMIZER_LR[opt])
-        wd = (self.weight_decay if self.weight_decay is not None
-              else (d["weight_decay"] if same else 0.0))
+        wd = (
+            self.weight_decay
+            if self.weight_decay is not None
+            else (d["weight_decay"] if same else 0.0)
+        )
         loss = self.loss or d["loss"]
         get_loss(loss)
         if self.lr_schedule not in SCHEDULES:
-            raise ConfigError(f"unknown lr schedule {self.lr_schedule!r}; valid: "
-                              f"{', '.join(SCHEDULES)}")
+            raise ConfigError(
+                f"unknown lr schedule {self.lr_schedule!r}; valid: {', '.join(SCHEDULES)}"
+            )
         if self.precision not in PRECISIONS:
-            raise ConfigError(f"unknown precision {self.precision!r}; valid: "
-                              f"{', '.join(PRECISIONS)}")
+            raise ConfigError(
+                f"unknown precision {self.precision!r}; valid: {', '.join(PRECISIONS)}"
+            )
         if self.sampler not in SAMPLERS:
             raise ConfigError(f"unknown sampler {self.sampler!r}; valid: {', '.join(SAMPLERS)}")
         return {"loss": loss, "optimizer": opt, "lr": float(lr), "weight_decay": float(wd)}
 
     def photo_conf(self) -> PhotoPairConfig:
         """How photo (and HPatches) pairs are made."""
-        return PhotoPairConfig(max_tilt=self.max_tilt, max_angle_diff=self.pair_max_angle,
-                               max_size_ratio=self.pair_max_scale)
+        return PhotoPairConfig(
+            max_tilt=self.max_tilt,
+            max_angle_diff=self.pair_max_angle,
+            max_size_ratio=self.pair_max_scale,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -282,8 +290,13 @@ class TrainConfig:
 # Batches on the device
 
 
-def augment_pairs(x: Tensor, gen: torch.Generator, flip_rot90: bool = True,
-                  rotation_jitter: float = 5.0, scale_jitter: float = 0.05) -> Tensor:
+def augment_pairs(
+    x: Tensor,
+    gen: torch.Generator,
+    flip_rot90: bool = True,
+    rotation_jitter: float = 5.0,
+    scale_jitter: float = 0.05,
+) -> Tensor:
     """Augment a batch of pairs: the same random horizontal flip and 90-degree rotation for
     both patches of a pair (they keep corresponding), then an independent rotation uniform in
     ``+-rotation_jitter`` degrees and a scale log-uniform in ``1/(1+s) .. 1+s`` for every patch.
@@ -313,8 +326,9 @@ def augment_pairs(x: Tensor, gen: torch.Generator, flip_rot90: bool = True,
         d = j @ d
     theta = torch.cat([d, torch.zeros(n, 2, 1)], 2).to(x.device, x.dtype)
     grid = F.affine_grid(theta, [n, 1, p, p], align_corners=False)
-    return F.grid_sample(x.reshape(n, 1, p, p), grid, mode="bilinear",
-                         padding_mode="reflection", align_corners=False).view(b, two, p, p)
+    return F.grid_sample(
+        x.reshape(n, 1, p, p), grid, mode="bilinear", padding_mode="reflection", align_corners=False
+    ).view(b, two, p, p)
 
 
 def _step_generator(seed: int, step: int) -> torch.Generator:
@@ -337,8 +351,9 @@ class ValSet:
     is_match: np.ndarray
 
 
-def _fit_pool(pool: PairPool, net_cls: type[DescriptorNet], config: TrainConfig,
-              mr_sizes: list[float]) -> PairPool:
+def _fit_pool(
+    pool: PairPool, net_cls: type[DescriptorNet], config: TrainConfig, mr_sizes: list[float]
+) -> PairPool:
     """Check a photo pool fits the net (and crop a 64-px/2x pool for the 32-px nets)."""
     if pool.kind == "brown":
         return pool
@@ -350,16 +365,25 @@ def _fit_pool(pool: PairPool, net_cls: type[DescriptorNet], config: TrainConfig,
         return pool
     if size == 2 * p and wf == 2 * nwf:
         return pool.center_crop(p)
-    raise ConfigError(f"{pool.name}: pool patches are {size} px with window factor {wf:g}; "
-                      f"{net_cls.name} needs {p} px with window factor {nwf:g} (build the pool "
-                      "for it)")
+    raise ConfigError(
+        f"{pool.name}: pool patches are {size} px with window factor {wf:g}; "
+        f"{net_cls.name} needs {p} px with window factor {nwf:g} (build the pool "
+        "for it)"
+    )
 
 
-def _open_source(spec: DataSpec, net_cls: type[DescriptorNet], config: TrainConfig,
-                 mr_sizes: list[float], progress: Progress | None) -> PairPool:
+def _open_source(
+    spec: DataSpec,
+    net_cls: type[DescriptorNet],
+    config: TrainConfig,
+    mr_sizes: list[float],
+    progress: Progress | None,
+) -> PairPool:
     if config.frames and spec.kind in ("brown", "hpatches"):
-        raise ConfigError(f"--frames: {spec} is not cut in refined frames (photos, multiview "
-                          "and pools made with --frames are)")
+        raise ConfigError(
+            f"--frames: {spec} is not cut in refined frames (photos, multiview "
+            "and pools made with --frames are)"
+        )
     if spec.kind == "brown":
         ds = BrownDataset(spec.path, patch_size=net_cls.patch_size)
         return PairPool.from_brown(ds, name=f"brown:{spec.path}")
@@ -373,11 +397,20 @@ def _open_source(spec: DataSpec, net_cls: type[DescriptorNet], config: TrainConf
             if progress:
                 progress(i, n, f"pool {spec.path.name}: {msg}")
 
-        out = build_photo_pool_for(spec.path, Path(config.out_dir) / "pools",
-                                   net_cls.patch_size, config.mr_size, net_cls.window_factor,
-                                   config.pairs_per_image, config.seed, config.pool_workers,
-                                   cb, conf=config.photo_conf(),
-                                   max_images=config.max_images, frames=config.frames)
+        out = build_photo_pool_for(
+            spec.path,
+            Path(config.out_dir) / "pools",
+            net_cls.patch_size,
+            config.mr_size,
+            net_cls.window_factor,
+            config.pairs_per_image,
+            config.seed,
+            config.pool_workers,
+            cb,
+            conf=config.photo_conf(),
+            max_images=config.max_images,
+            frames=config.frames,
+        )
         return _fit_pool(PairPool.load(out), net_cls, config, mr_sizes)
     if spec.kind == "multiview":
         if is_pool(spec.path):
@@ -388,10 +421,16 @@ def _open_source(spec: DataSpec, net_cls: type[DescriptorNet], config: TrainConf
                 if progress:
                     progress(i, n, f"multiview pool: {msg}")
 
-            out = build_multiview_pool_for(spec.path, Path(config.out_dir) / "pools",
-                                           net_cls.patch_size, config.mr_size,
-                                           net_cls.window_factor, config.seed, cb_mv,
-                                           frames=config.frames)
+            out = build_multiview_pool_for(
+                spec.path,
+                Path(config.out_dir) / "pools",
+                net_cls.patch_size,
+                config.mr_size,
+                net_cls.window_factor,
+                config.seed,
+                cb_mv,
+                frames=config.frames,
+            )
         return _fit_pool(MultiviewPairPool.load(out), net_cls, config, mr_sizes)
     if spec.kind == "hpatches":
         if is_pool(spec.path):
@@ -402,10 +441,17 @@ def _open_source(spec: DataSpec, net_cls: type[DescriptorNet], config: TrainConf
                 if progress:
                     progress(i, n, f"hpatches pool: {msg}")
 
-            out = build_hpatches_pool_for(spec.path, Path(config.out_dir) / "pools",
-                                          net_cls.patch_size, config.mr_size,
-                                          net_cls.window_factor, config.pairs_per_image,
-                                          config.seed, cb_hp, conf=config.photo_conf())
+            out = build_hpatches_pool_for(
+                spec.path,
+                Path(config.out_dir) / "pools",
+                net_cls.patch_size,
+                config.mr_size,
+                net_cls.window_factor,
+                config.pairs_per_image,
+                config.seed,
+                cb_hp,
+                conf=config.photo_conf(),
+            )
         return _fit_pool(PairPool.load(out), net_cls, config, mr_sizes)
     raise ConfigError(f"unknown data kind {spec.kind!r}; valid: {', '.join(DATA_KINDS)}")
 
@@ -414,13 +460,13 @@ def _brown_val(path: Path, patch_size: int, max_pairs: int, seed: int) -> ValSet
     ds = BrownDataset(path, patch_size=patch_size)
     idx0, idx1, is_match = ds.pairs()
     if len(idx0) > max_pairs:
-        pick = np.sort(np.random.default_rng([seed, 29]).choice(len(idx0), max_pairs,
-                                                               replace=False))
+        pick = np.sort(
+            np.random.default_rng([seed, 29]).choice(len(idx0), max_pairs, replace=False)
+        )
         idx0, idx1, is_match = idx0[pick], idx1[pick], is_match[pick]
     used, inv = np.unique(np.concatenate([idx0, idx1]), return_inverse=True)
     inv = inv.reshape(-1)
-    return ValSet(f"brown:{path}", ds.patches[used], inv[: len(idx0)], inv[len(idx0):],
-                  is_match)
+    return ValSet(f"brown:{path}", ds.patches[used], inv[: len(idx0)], inv[len(idx0) :], is_match)
 
 
 def _pool_val(pool: PairPool, num_points: int, seed: int, name: str) -> ValSet:
@@ -504,22 +550,23 @@ def _lr_factor(step: int, total: int, schedule: str, warmup: int) -> float:
     return w * f
 
 
-def _make_optimizer(net: torch.nn.Module, method: str, opt: str, lr: float, wd: float,
-                    momentum: float) -> torch.optim.Optimizer:
+def _make_optimizer(
+    net: torch.nn.Module, method: str, opt: str, lr: float, wd: float, momentum: float
+) -> torch.optim.Optimizer:
     params = [p for p in net.parameters() if p.requires_grad]
     if opt == "sgd":
         # HardNet's official optimiser has dampening 0.9 with its momentum 0.9.
         damp = 0.9 if method == "hardnet" else 0.0
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, dampening=damp,
-                               weight_decay=wd)
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, dampening=damp, weight_decay=wd)
     if opt == "adam":
         return torch.optim.Adam(params, lr=lr, weight_decay=wd)
     return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
 
 
 class _Evaluator:
-    def __init__(self, val: ValSet | None, device: torch.device, amp: tuple[Any, Any],
-                 batch_size: int) -> None:
+    def __init__(
+        self, val: ValSet | None, device: torch.device, amp: tuple[Any, Any], batch_size: int
+    ) -> None:
         self.val, self.device, self.amp, self.batch_size = val, device, amp, batch_size
 
     def __call__(self, net: torch.nn.Module) -> float | None:
@@ -527,8 +574,9 @@ class _Evaluator:
             return None
         v = self.val
         dev_type, dtype = self.amp
-        ctx = (torch.autocast(dev_type, dtype=dtype) if dtype is not None
-               else contextlib.nullcontext())
+        ctx = (
+            torch.autocast(dev_type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+        )
         with ctx:
             desc = describe_patches(net, v.patches, self.device, self.batch_size)
         return fpr_at_recall(pair_distances(desc, v.idx0, v.idx1), v.is_match, 0.95)
@@ -570,12 +618,15 @@ def train(config: TrainConfig, progress: Progress | None = None) -> Path:
         return _train(config, progress, device, _Dist(config.rank, config.world_size))
     device = local_device(device)
     with session(device) as d:
-        return _train(replace(config, rank=d.rank, world_size=d.world_size),
-                      progress if d.main else None, device, d)
+        return _train(
+            replace(config, rank=d.rank, world_size=d.world_size),
+            progress if d.main else None,
+            device,
+            d,
+        )
 
 
-def _train(config: TrainConfig, progress: Progress | None, device: torch.device,
-           d: _Dist) -> Path:
+def _train(config: TrainConfig, progress: Progress | None, device: torch.device, d: _Dist) -> Path:
     t_setup = time.perf_counter()
     opts = config.resolved()
     if not config.data:
@@ -583,14 +634,17 @@ def _train(config: TrainConfig, progress: Progress | None, device: torch.device,
     if config.steps < 1 or config.batch_size < 2:
         raise ConfigError("steps must be >= 1 and batch_size >= 2")
     if d.active and config.batch_size < 2 * d.world_size:
-        raise ConfigError(f"batch size {config.batch_size} is too small for {d.world_size} "
-                          "processes (at least 2 pairs each)")
+        raise ConfigError(
+            f"batch size {config.batch_size} is too small for {d.world_size} "
+            "processes (at least 2 pairs each)"
+        )
     out_dir = Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = out_dir / CHECKPOINT
     if ckpt_path.is_file() and not config.resume:
-        raise OutputError(f"{out_dir}: holds a training run ({CHECKPOINT}); resume it or choose "
-                          "another folder")
+        raise OutputError(
+            f"{out_dir}: holds a training run ({CHECKPOINT}); resume it or choose another folder"
+        )
     amp = _autocast(device, config.precision)
     net_cls = NETS[config.method]
 
@@ -619,20 +673,32 @@ def _train(config: TrainConfig, progress: Progress | None, device: torch.device,
         train_part, held = pools[0].split(config.val_fraction, config.seed)
         pools[0] = train_part
         if d.main:
-            val = _pool_val(held, config.val_pairs, config.seed,
-                            f"{len(held)} held-out points of {specs[0]}")
+            val = _pool_val(
+                held, config.val_pairs, config.seed, f"{len(held)} held-out points of {specs[0]}"
+            )
     if d.active and d.main:
         d.barrier()
-    batches = MixedBatches(pools, [s.weight for s in specs], config.batch_size,
-                           config.images_per_batch, config.seed, config.rank,
-                           config.world_size, sampler=config.sampler,
-                           p1_fraction=config.p1_fraction, mine_every=config.mine_every,
-                           mine_points=config.mine_points, mine_group=config.mine_group)
+    batches = MixedBatches(
+        pools,
+        [s.weight for s in specs],
+        config.batch_size,
+        config.images_per_batch,
+        config.seed,
+        config.rank,
+        config.world_size,
+        sampler=config.sampler,
+        p1_fraction=config.p1_fraction,
+        mine_every=config.mine_every,
+        mine_points=config.mine_points,
+        mine_group=config.mine_group,
+    )
     train_points = sum(p.num_points for p, s in zip(pools, specs, strict=True) if s.weight > 0)
-    eval_every = (config.eval_every if config.eval_every is not None
-                  else max(1, -(-train_points // config.batch_size)))
-    data_desc = "; ".join(f"{s} ({p.num_points} points)" for s, p in
-                          zip(specs, pools, strict=True))
+    eval_every = (
+        config.eval_every
+        if config.eval_every is not None
+        else max(1, -(-train_points // config.batch_size))
+    )
+    data_desc = "; ".join(f"{s} ({p.num_points} points)" for s, p in zip(specs, pools, strict=True))
 
     # Net, optimiser, schedule.
     torch.manual_seed(config.seed)
@@ -641,26 +707,36 @@ def _train(config: TrainConfig, progress: Progress | None, device: torch.device,
     if config.init and not (config.resume and ckpt_path.is_file()):
         # A central-surround net also starts from its plain net's weights (both towers).
         plain = getattr(NETS[config.method], "plain", "")
-        source = (plain if plain and weights_method(config.init, config.method) == plain
-                  else config.method)
+        source = (
+            plain
+            if plain and weights_method(config.init, config.method) == plain
+            else config.method
+        )
         loaded = load_net(source, config.init)
         init_mr = float(loaded.meta.get("mr_size", mr_size))
         if abs(init_mr - mr_size) > 1e-6:
-            raise ConfigError(f"{loaded.path}: trained on patches with mr_size {init_mr:g}, the "
-                              f"data is cut with {mr_size:g}")
+            raise ConfigError(
+                f"{loaded.path}: trained on patches with mr_size {init_mr:g}, the "
+                f"data is cut with {mr_size:g}"
+            )
         if source == config.method:
             net = loaded.net
         else:
             init_central_surround(net, loaded.net)  # type: ignore[arg-type]
         net = net.to(device).train()
-        init_info = {"path": str(loaded.path), "sha256": loaded.sha256,
-                     "steps": loaded.meta.get("steps"),
-                     "pairs_seen": loaded.meta.get("pairs_seen")}
-    optimizer = _make_optimizer(net, config.method, opts["optimizer"], opts["lr"],
-                                opts["weight_decay"], config.momentum)
+        init_info = {
+            "path": str(loaded.path),
+            "sha256": loaded.sha256,
+            "steps": loaded.meta.get("steps"),
+            "pairs_seen": loaded.meta.get("pairs_seen"),
+        }
+    optimizer = _make_optimizer(
+        net, config.method, opts["optimizer"], opts["lr"], opts["weight_decay"], config.momentum
+    )
     total = config.steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: _lr_factor(s, total, config.lr_schedule, config.warmup_steps))
+        optimizer, lambda s: _lr_factor(s, total, config.lr_schedule, config.warmup_steps)
+    )
     scaler = torch.amp.GradScaler("cuda") if amp[1] == torch.float16 else None
     loss_fn = get_loss(opts["loss"])
     loss_kw = dict(config.loss_options)
@@ -675,11 +751,13 @@ def _train(config: TrainConfig, progress: Progress | None, device: torch.device,
             raise ConfigError(f"{ckpt_path}: a {ck.get('method')} run, not {config.method}")
         net = build_net(config.method, ck.get("conf")).to(device)
         net.load_state_dict(ck["state_dict"])
-        optimizer = _make_optimizer(net, config.method, opts["optimizer"], opts["lr"],
-                                    opts["weight_decay"], config.momentum)
+        optimizer = _make_optimizer(
+            net, config.method, opts["optimizer"], opts["lr"], opts["weight_decay"], config.momentum
+        )
         optimizer.load_state_dict(ck["optimizer"])
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: _lr_factor(s, total, config.lr_schedule, config.warmup_steps))
+            optimizer, lambda s: _lr_factor(s, total, config.lr_schedule, config.warmup_steps)
+        )
         scheduler.load_state_dict(ck["scheduler"])
         if scaler is not None and ck.get("scaler"):
             scaler.load_state_dict(ck["scaler"])
@@ -691,9 +769,13 @@ def _train(config: TrainConfig, progress: Progress | None, device: torch.device,
         if d.active and ranks and len(ranks) == d.world_size:
             rng_state = ranks[d.rank]
         elif d.active or ranks:
-            log.warning("%s: saved by %d process(es), resumed by %d: the random streams of "
-                        "the ranks differ from an uninterrupted run", ckpt_path,
-                        len(ranks) if ranks else 1, d.world_size if d.active else 1)
+            log.warning(
+                "%s: saved by %d process(es), resumed by %d: the random streams of "
+                "the ranks differ from an uninterrupted run",
+                ckpt_path,
+                len(ranks) if ranks else 1,
+                d.world_size if d.active else 1,
+            )
         torch.set_rng_state(rng_state["torch"])
         if device.type == "cuda" and rng_state.get("cuda") is not None:
             torch.cuda.set_rng_state(rng_state["cuda"], device)
@@ -709,29 +791,51 @@ def _train(config: TrainConfig, progress: Progress | None, device: torch.device,
         from torch.nn.parallel import DistributedDataParallel
 
         features = DistributedDataParallel(
-            features, device_ids=[device.index] if device.type == "cuda" else None)
+            features, device_ids=[device.index] if device.type == "cuda" else None
+        )
 
     evaluator = _Evaluator(val, device, amp, config.eval_batch_size)
     hardware = hardware_name(device) + (f" x {d.world_size} processes" if d.active else "")
-    header = {"config": config.to_dict(), "resolved": opts, "data": data_desc,
-              "val": val.name if val else None, "hardware": hardware,
-              "precision": str(amp[1]).replace("torch.", "") if amp[1] else "fp32",
-              "eval_every": eval_every}
+    header = {
+        "config": config.to_dict(),
+        "resolved": opts,
+        "data": data_desc,
+        "val": val.name if val else None,
+        "hardware": hardware,
+        "precision": str(amp[1]).replace("torch.", "") if amp[1] else "fp32",
+        "eval_every": eval_every,
+    }
     log.info("setup %.1f s: %s", time.perf_counter() - t_setup, data_desc)
 
     def meta(step: int) -> dict[str, Any]:
-        return {"data": data_desc, "data_sources": [str(s) for s in specs], "steps": step,
-                "batch_size": config.batch_size, "images_per_batch": config.images_per_batch,
-                "sampler": config.sampler, "world_size": d.world_size if d.active else 1,
-                "pairs_seen": step * config.batch_size, **opts,
-                "wall_time_s": round(elapsed, 1), "hardware": header["hardware"],
-                "precision": header["precision"], "val_fpr95": last_fpr, "val_set": header["val"],
-                "headline": (f"val FPR95 {last_fpr:.4f}" if last_fpr is not None else ""),
-                "mr_size": mr_size, "patch_size": net_cls.patch_size, "seed": config.seed,
-                "command": config.command, "descmatch_version": _version,
-                **({"init": init_info} if init_info else {}),
-                **({"frames": str(config.frames), **frames_settings(config.frames)}
-                   if config.frames else {})}
+        return {
+            "data": data_desc,
+            "data_sources": [str(s) for s in specs],
+            "steps": step,
+            "batch_size": config.batch_size,
+            "images_per_batch": config.images_per_batch,
+            "sampler": config.sampler,
+            "world_size": d.world_size if d.active else 1,
+            "pairs_seen": step * config.batch_size,
+            **opts,
+            "wall_time_s": round(elapsed, 1),
+            "hardware": header["hardware"],
+            "precision": header["precision"],
+            "val_fpr95": last_fpr,
+            "val_set": header["val"],
+            "headline": (f"val FPR95 {last_fpr:.4f}" if last_fpr is not None else ""),
+            "mr_size": mr_size,
+            "patch_size": net_cls.patch_size,
+            "seed": config.seed,
+            "command": config.command,
+            "descmatch_version": _version,
+            **({"init": init_info} if init_info else {}),
+            **(
+                {"frames": str(config.frames), **frames_settings(config.frames)}
+                if config.frames
+                else {}
+            ),
+        }
 
     def save_training(step: int) -> None:
         """Write the checkpoint (rank 0); in a data-parallel run every rank takes part: the
@@ -742,15 +846,25 @@ def _train(config: TrainConfig, progress: Progress | None, device: torch.device,
         if d.active:
             got = d.gather({"rng": rng, "digest": _weights_digest(net)})
             if len({g["digest"] for g in got}) > 1:
-                raise TrainingError(f"step {step}: the weights of the {d.world_size} ranks "
-                                    "differ (data-parallel training went out of step)")
+                raise TrainingError(
+                    f"step {step}: the weights of the {d.world_size} ranks "
+                    "differ (data-parallel training went out of step)"
+                )
             rng = {**rng, "ranks": [g["rng"] for g in got]}
         if d.main:
-            save_checkpoint(ckpt_path, net, meta(step), optimizer=optimizer.state_dict(),
-                            scheduler=scheduler.state_dict(),
-                            scaler=scaler.state_dict() if scaler is not None else None,
-                            step=step, elapsed=elapsed, rng=rng, config=config.to_dict(),
-                            sampler_state=batches.mining_state())
+            save_checkpoint(
+                ckpt_path,
+                net,
+                meta(step),
+                optimizer=optimizer.state_dict(),
+                scheduler=scheduler.state_dict(),
+                scaler=scaler.state_dict() if scaler is not None else None,
+                step=step,
+                elapsed=elapsed,
+                rng=rng,
+                config=config.to_dict(),
+                sampler_state=batches.mining_state(),
+            )
 
     def describe_for_mining(patches: np.ndarray) -> np.ndarray:
         """Descriptors with the current net (eval mode, as validation), each rank describing
@@ -758,15 +872,16 @@ def _train(config: TrainConfig, progress: Progress | None, device: torch.device,
         n = len(patches)
         if d.active:
             per = -(-n // d.world_size)
-            patches = patches[d.rank * per:(d.rank + 1) * per]
-        ctx = (torch.autocast(amp[0], dtype=amp[1]) if amp[1] is not None
-               else contextlib.nullcontext())
+            patches = patches[d.rank * per : (d.rank + 1) * per]
+        ctx = (
+            torch.autocast(amp[0], dtype=amp[1]) if amp[1] is not None else contextlib.nullcontext()
+        )
         with ctx:
             desc = describe_patches(net, patches, device, config.eval_batch_size)
         if not d.active:
             return desc
         buf = torch.zeros(per, net.dim, device=device)
-        buf[:len(desc)] = torch.from_numpy(desc).to(device)
+        buf[: len(desc)] = torch.from_numpy(desc).to(device)
         parts = [torch.empty_like(buf) for _ in range(d.world_size)]
         dist.all_gather(parts, buf)
         return torch.cat(parts)[:n].cpu().numpy()
@@ -777,12 +892,14 @@ def _train(config: TrainConfig, progress: Progress | None, device: torch.device,
         gen = _step_generator(config.seed, step)
         x = torch.from_numpy(batch).to(device, non_blocking=True).float().div_(255.0)
         if config.augment:
-            x = augment_pairs(x, gen, config.flip_rot90, config.rotation_jitter,
-                              config.scale_jitter)
+            x = augment_pairs(
+                x, gen, config.flip_rot90, config.rotation_jitter, config.scale_jitter
+            )
         b = x.shape[0]
         inp = x.transpose(0, 1).reshape(2 * b, 1, p, p)
-        ctx = (torch.autocast(amp[0], dtype=amp[1]) if amp[1] is not None
-               else contextlib.nullcontext())
+        ctx = (
+            torch.autocast(amp[0], dtype=amp[1]) if amp[1] is not None else contextlib.nullcontext()
+        )
         with ctx:
             desc, feats = features(inp)
         desc = desc.float()
@@ -794,8 +911,10 @@ def _train(config: TrainConfig, progress: Progress | None, device: torch.device,
         else:
             loss = loss_fn(a, pos, **loss_kw)
         if not torch.isfinite(loss):
-            raise TrainingError(f"step {step}: the loss is {loss.item()}; lower the learning "
-                                f"rate (now {optimizer.param_groups[0]['lr']:g})")
+            raise TrainingError(
+                f"step {step}: the loss is {loss.item()}; lower the learning "
+                f"rate (now {optimizer.param_groups[0]['lr']:g})"
+            )
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -831,8 +950,9 @@ def _train(config: TrainConfig, progress: Progress | None, device: torch.device,
             if nxt is None:
                 if batches.needs_mining(step):
                     batches.mine(step, describe_for_mining)
-                    log.info("step %d: mined hard negatives in %.1f s", step,
-                             time.perf_counter() - t0)
+                    log.info(
+                        "step %d: mined hard negatives in %.1f s", step, time.perf_counter() - t0
+                    )
                 nxt = prefetch.submit(batches.batch, step)
             batch, _src = nxt.result()
             nxt = fetch(step + 1)
@@ -844,8 +964,9 @@ def _train(config: TrainConfig, progress: Progress | None, device: torch.device,
             interval_loss += loss_v
             interval_acc += acc_v
             interval_n += 1
-            stop = (config.time_limit_s is not None
-                    and d.any(time.perf_counter() - t_run >= config.time_limit_s, device))
+            stop = config.time_limit_s is not None and d.any(
+                time.perf_counter() - t_run >= config.time_limit_s, device
+            )
             is_last = step == total or stop
             fpr = None
             if val is not None and (step % eval_every == 0 or is_last):
@@ -854,18 +975,25 @@ def _train(config: TrainConfig, progress: Progress | None, device: torch.device,
                 last_fpr = fpr
             if d.main and (step % config.log_every == 0 or is_last or fpr is not None):
                 n_rows = interval_n * len(batch) * (d.world_size if d.active else 1)
-                rows.append({"step": step, "loss": round(interval_loss / interval_n, 6),
-                             "lr": optimizer.param_groups[0]["lr"], "fpr95": fpr,
-                             "pairs_per_s": round(n_rows / max(interval_t, 1e-9), 1),
-                             "seconds": round(elapsed, 2),
-                             "batch_acc": round(interval_acc / interval_n, 4)})
+                rows.append(
+                    {
+                        "step": step,
+                        "loss": round(interval_loss / interval_n, 6),
+                        "lr": optimizer.param_groups[0]["lr"],
+                        "fpr95": fpr,
+                        "pairs_per_s": round(n_rows / max(interval_t, 1e-9), 1),
+                        "seconds": round(elapsed, 2),
+                        "batch_acc": round(interval_acc / interval_n, 4),
+                    }
+                )
                 _write_logs(out_dir, rows, header)
                 interval_loss, interval_acc, interval_n, interval_t = 0.0, 0.0, 0, 0.0
             if step % config.checkpoint_every == 0 or is_last:
                 save_training(step)
             if progress:
-                text = f"loss {loss_v:.4f}" + (f" fpr95 {last_fpr:.4f}" if last_fpr is not None
-                                                else "")
+                text = f"loss {loss_v:.4f}" + (
+                    f" fpr95 {last_fpr:.4f}" if last_fpr is not None else ""
+                )
                 progress(step, total, text)
             if stop:
                 log.info("time limit reached at step %d", step)
@@ -890,6 +1018,15 @@ def default_loss(method: str) -> str:
     return str(METHOD_DEFAULTS[method]["loss"])
 
 
-__all__: Sequence[str] = ["TrainConfig", "DataSpec", "METHOD_DEFAULTS", "LOSSES", "train",
-                          "augment_pairs", "hardware_name", "read_log", "TrainingError",
-                          "default_loss"]
+__all__: Sequence[str] = [
+    "TrainConfig",
+    "DataSpec",
+    "METHOD_DEFAULTS",
+    "LOSSES",
+    "train",
+    "augment_pairs",
+    "hardware_name",
+    "read_log",
+    "TrainingError",
+    "default_loss",
+]

@@ -108,8 +108,7 @@ def _off_diagonal_correlation(x: Tensor, eps: float) -> Tensor:
     return (off * off).sum()
 
 
-def l2net_e2(anchors: Tensor, positives: Tensor, eps: float = 1e-8,
-             mean: bool = True) -> Tensor:
+def l2net_e2(anchors: Tensor, positives: Tensor, eps: float = 1e-8, mean: bool = True) -> Tensor:
     """L2-Net E2, the decorrelation of descriptor dimensions.
 
     For each descriptor set ``Y`` (anchors, positives) ``R[i,j]`` is the Pearson correlation
@@ -128,9 +127,7 @@ def l2net_e2(anchors: Tensor, positives: Tensor, eps: float = 1e-8,
     Shape: anchors (N,D), positives (N,D) -> scalar.
     """
     _check_pair(anchors, positives)
-    e2 = 0.5 * (
-        _off_diagonal_correlation(anchors, eps) + _off_diagonal_correlation(positives, eps)
-    )
+    e2 = 0.5 * (_off_diagonal_correlation(anchors, eps) + _off_diagonal_correlation(positives, eps))
     d = anchors.shape[1]
     return e2 / max(1, d * (d - 1)) if mean else e2
 

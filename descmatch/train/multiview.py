@@ -101,8 +101,9 @@ PARTS_DIR = "parts"
 # Cameras
 
 
-def view_pairs(cams: Sequence[Camera], pair_window: int, max_view_angle: float = 60.0
-               ) -> list[tuple[int, int]]:
+def view_pairs(
+    cams: Sequence[Camera], pair_window: int, max_view_angle: float = 60.0
+) -> list[tuple[int, int]]:
     """Pairs (i < j) to match: each view with its ``pair_window`` nearest views by camera-centre
     distance, among the views whose optical axes differ by at most ``max_view_angle`` degrees."""
     n = len(cams)
@@ -149,8 +150,13 @@ def connected_components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         lab = new
 
 
-def triangulate(cams: Sequence[Camera], obs_image: np.ndarray, obs_xy: np.ndarray,
-                offsets: np.ndarray, chunk: int = 20000) -> np.ndarray:
+def triangulate(
+    cams: Sequence[Camera],
+    obs_image: np.ndarray,
+    obs_xy: np.ndarray,
+    offsets: np.ndarray,
+    chunk: int = 20000,
+) -> np.ndarray:
     """Linear (DLT) triangulation of every track from all its views, batched by track length.
 
     The observations of track k are rows ``offsets[k]:offsets[k+1]``. The system is solved in
@@ -178,12 +184,14 @@ def triangulate(cams: Sequence[Camera], obs_image: np.ndarray, obs_xy: np.ndarra
             continue
         tracks = np.flatnonzero(lengths == length)
         for s in range(0, len(tracks), chunk):
-            tk = tracks[s:s + chunk]
+            tk = tracks[s : s + chunk]
             idx = offsets[tk][:, None] + np.arange(length)  # (n,L)
             p = proj[obs_image[idx]]  # (n,L,3,4)
             uu = u[idx]  # (n,L,2)
-            rows = np.concatenate([uu[..., 0:1] * p[:, :, 2] - p[:, :, 0],
-                                   uu[..., 1:2] * p[:, :, 2] - p[:, :, 1]], axis=1)
+            rows = np.concatenate(
+                [uu[..., 0:1] * p[:, :, 2] - p[:, :, 0], uu[..., 1:2] * p[:, :, 2] - p[:, :, 1]],
+                axis=1,
+            )
             rows /= np.maximum(np.linalg.norm(rows, axis=2, keepdims=True), 1e-12)
             x = np.linalg.svd(rows)[2][:, -1]  # (n,4): the null vector
             xw = x @ tmat.T
@@ -231,8 +239,14 @@ def _dedupe_positions(kp: Keypoints) -> np.ndarray:
     such twins would make tracks with two keypoints in one image. Shape: -> (M,) sorted."""
     if len(kp) == 0:
         return np.zeros(0, np.int64)
-    key = np.stack([np.round(kp.xy[:, 0]), np.round(kp.xy[:, 1]),
-                    np.round(np.log2(np.maximum(kp.size, 1e-3)) * 4)], 1).astype(np.int64)
+    key = np.stack(
+        [
+            np.round(kp.xy[:, 0]),
+            np.round(kp.xy[:, 1]),
+            np.round(np.log2(np.maximum(kp.size, 1e-3)) * 4),
+        ],
+        1,
+    ).astype(np.int64)
     _, first = np.unique(key, axis=0, return_index=True)
     return np.sort(first)
 
@@ -246,8 +260,10 @@ def find_scenes(path: str | Path) -> list[Path]:
         return [path]
     scenes = sorted(p for p in path.iterdir() if p.is_dir() and (p / CAMERAS_FILE).is_file())
     if not scenes:
-        raise InputError(f"{path}: neither a multi-view scene ({CAMERAS_FILE} + {IMAGES_DIR}/) "
-                         "nor a folder of scenes")
+        raise InputError(
+            f"{path}: neither a multi-view scene ({CAMERAS_FILE} + {IMAGES_DIR}/) "
+            "nor a folder of scenes"
+        )
     return scenes
 
 
@@ -275,8 +291,9 @@ class TrackConfig:
             raise ConfigError("epipolar_px and reproj_px must be > 0")
 
 
-def scene_tracks(scene: str | Path, conf: TrackConfig = TrackConfig(),
-                 progress: Progress | None = None) -> SceneTracks:
+def scene_tracks(
+    scene: str | Path, conf: TrackConfig = TrackConfig(), progress: Progress | None = None
+) -> SceneTracks:
     """Detect, match, check against the cameras, join into tracks and triangulate one scene
     (see the module docstring). ``progress(i, n, text)`` is called per image and per pair."""
     scene = Path(scene)
@@ -299,16 +316,19 @@ def scene_tracks(scene: str | Path, conf: TrackConfig = TrackConfig(),
         full = read_image(path)
         cam = cams_all[name]
         if full.shape != (cam.height, cam.width):
-            raise InputError(f"{path}: the image is {full.shape[1]}x{full.shape[0]}, "
-                             f"{CAMERAS_FILE} says {cam.width}x{cam.height}")
+            raise InputError(
+                f"{path}: the image is {full.shape[1]}x{full.shape[0]}, "
+                f"{CAMERAS_FILE} says {cam.width}x{cam.height}"
+            )
         img, (sx, sy) = resize_max(full, conf.max_side)
         cam = cam.scaled(sx, sy) if (sx, sy) != (1.0, 1.0) else cam
         kp = detector(img)
         kp = kp.select(_dedupe_positions(kp))
         if len(kp):
             corners = _window_corners(kp.xy, kp.size, kp.angle, conf.window)
-            kp = kp.select(np.flatnonzero(_inside(corners, img.shape[1], img.shape[0],
-                                                  conf.margin)))
+            kp = kp.select(
+                np.flatnonzero(_inside(corners, img.shape[1], img.shape[0], conf.margin))
+            )
         desc = describer(img, kp)
         images.append(img)
         cams.append(cam)
@@ -331,8 +351,7 @@ def scene_tracks(scene: str | Path, conf: TrackConfig = TrackConfig(),
         b = m[a]
         n_matches += len(a)
         if len(a):
-            d = epipolar_distance(fundamental_matrix(cams[i], cams[j]), kps[i].xy[a],
-                                  kps[j].xy[b])
+            d = epipolar_distance(fundamental_matrix(cams[i], cams[j]), kps[i].xy[a], kps[j].xy[b])
             ok = d < conf.epipolar_px
             edges_a.append(start[i] + a[ok])
             edges_b.append(start[j] + b[ok])
@@ -345,7 +364,7 @@ def scene_tracks(scene: str | Path, conf: TrackConfig = TrackConfig(),
     # Tracks: connected components over the matched keypoints.
     nodes, inv = np.unique(np.concatenate([ea, eb]), return_inverse=True)
     inv = inv.reshape(-1)
-    label = connected_components(len(nodes), inv[: len(ea)], inv[len(ea):])
+    label = connected_components(len(nodes), inv[: len(ea)], inv[len(ea) :])
     node_image = np.searchsorted(start, nodes, side="right") - 1
     order = np.lexsort((node_image, label))
     label, node_image, nodes = label[order], node_image[order], nodes[order]
@@ -387,9 +406,13 @@ def scene_tracks(scene: str | Path, conf: TrackConfig = TrackConfig(),
     obs_angle = np.concatenate([k.angle for k in kps])[obs_node[sel]].astype(np.float32)
     xyz = xyz[good]
     stats = {
-        "scene": scene.name, "images": len(names),
-        "keypoints": int(start[-1]), "view_pairs": len(pairs), "matches": int(n_matches),
-        "epipolar_inliers": int(len(ea)), "candidate_tracks": int(len(first)),
+        "scene": scene.name,
+        "images": len(names),
+        "keypoints": int(start[-1]),
+        "view_pairs": len(pairs),
+        "matches": int(n_matches),
+        "epipolar_inliers": int(len(ea)),
+        "candidate_tracks": int(len(first)),
         "conflicting_tracks": int(conflict.sum()),
         "short_tracks": int((~conflict & (counts < conf.min_track)).sum()),
         "failed_reprojection": int(bad_track.sum()),
@@ -399,20 +422,35 @@ def scene_tracks(scene: str | Path, conf: TrackConfig = TrackConfig(),
         "observations": int(len(obs_image)),
         "mean_reproj_px": round(float(err.mean()), 4) if len(err) else None,
         "median_reproj_px": round(float(np.median(err)), 4) if len(err) else None,
-        "seconds_detect": round(t_detect, 2), "seconds_match": round(t_match, 2),
+        "seconds_detect": round(t_detect, 2),
+        "seconds_match": round(t_match, 2),
         "seconds": round(time.perf_counter() - t0, 2),
     }
-    return SceneTracks(scene.name, names, cams, scales, images, obs_image.astype(np.int64),
-                       obs_kp.astype(np.int64), obs_xy.astype(np.float32), obs_size, obs_angle,
-                       err, new_offsets, xyz, stats)
+    return SceneTracks(
+        scene.name,
+        names,
+        cams,
+        scales,
+        images,
+        obs_image.astype(np.int64),
+        obs_kp.astype(np.int64),
+        obs_xy.astype(np.float32),
+        obs_size,
+        obs_angle,
+        err,
+        new_offsets,
+        xyz,
+        stats,
+    )
 
 
 # --------------------------------------------------------------------------------------------
 # Patches and the pool
 
 
-def _scene_points(tr: SceneTracks, rng: np.random.Generator, max_points_per_image: int | None
-                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _scene_points(
+    tr: SceneTracks, rng: np.random.Generator, max_points_per_image: int | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Anchor images and observation order of the scene's points.
 
     Each track gets one anchor view drawn at random; at most ``max_points_per_image`` points
@@ -441,9 +479,15 @@ def _scene_points(tr: SceneTracks, rng: np.random.Generator, max_points_per_imag
     return tracks.astype(np.int64), anchor_img[tracks].astype(np.int64), obs
 
 
-def cut_patches(tr: SceneTracks, rows: np.ndarray, patch_size: int, mr_size: float,
-                window_factor: float, frames: Any = None,
-                frames_mr_size: float = DEFAULT_MR_SIZE) -> np.ndarray:
+def cut_patches(
+    tr: SceneTracks,
+    rows: np.ndarray,
+    patch_size: int,
+    mr_size: float,
+    window_factor: float,
+    frames: Any = None,
+    frames_mr_size: float = DEFAULT_MR_SIZE,
+) -> np.ndarray:
     """Patches of observations ``rows`` of a scene, cut at the detected keypoints (in the
     refined frames of a ``frames`` net when one is given), one
     :func:`~descmatch.patches.extract_patches` call per image. Shape: -> (len(rows),P,P) uint8."""
@@ -456,11 +500,17 @@ def cut_patches(tr: SceneTracks, rows: np.ndarray, patch_size: int, mr_size: flo
             t = torch.from_numpy(np.ascontiguousarray(tr.images[g]))
             size, angle = tr.obs_size[r], tr.obs_angle[r]
             if frames is not None:
-                size, angle = refine_frames(frames, t, tr.obs_xy[r], size, angle,
-                                            frames_mr_size)
-            p = extract_patches(t, tr.obs_xy[r], size, angle,
-                                patch_size=patch_size, mr_size=mr_size,
-                                window_factor=window_factor, pyramid=build_pyramid(t))
+                size, angle = refine_frames(frames, t, tr.obs_xy[r], size, angle, frames_mr_size)
+            p = extract_patches(
+                t,
+                tr.obs_xy[r],
+                size,
+                angle,
+                patch_size=patch_size,
+                mr_size=mr_size,
+                window_factor=window_factor,
+                pyramid=build_pyramid(t),
+            )
             out[sel] = (p[:, 0] * 255.0 + 0.5).clamp_(0, 255).to(torch.uint8).numpy()
     return out
 
@@ -484,10 +534,19 @@ def _atomic_save_npy(path: Path, arr: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
-def _make_scene_part(scene: Path, index: int, parts: Path, conf: TrackConfig, patch_size: int,
-                     mr_size: float, window_factor: float, max_points_per_image: int | None,
-                     seed: int, progress: Progress | None, frames: Any = None
-                     ) -> dict[str, Any]:
+def _make_scene_part(
+    scene: Path,
+    index: int,
+    parts: Path,
+    conf: TrackConfig,
+    patch_size: int,
+    mr_size: float,
+    window_factor: float,
+    max_points_per_image: int | None,
+    seed: int,
+    progress: Progress | None,
+    frames: Any = None,
+) -> dict[str, Any]:
     tr = scene_tracks(scene, conf, progress)
     rng = np.random.default_rng([seed, index])
     tracks, anchor_img, rows = _scene_points(tr, rng, max_points_per_image)
@@ -497,21 +556,34 @@ def _make_scene_part(scene: Path, index: int, parts: Path, conf: TrackConfig, pa
     # The fixed pair of each point: its anchor and one other view drawn at random.
     second = 1 + (rng.random(len(tracks)) * (lengths - 1)).astype(np.int64)
     counts = np.bincount(anchor_img, minlength=len(tr.names)).astype(np.int64)
-    _atomic_savez(parts / f"scene_{index:03d}.npz", views=views, view_offsets=view_offsets,
-                  second=second, group_counts=counts, obs_image=tr.obs_image[rows],
-                  obs_xy=tr.obs_xy[rows], obs_size=tr.obs_size[rows],
-                  obs_angle=tr.obs_angle[rows], obs_err=tr.obs_err[rows],
-                  xyz=tr.xyz[tracks],
-                  scales=np.asarray(tr.scales, np.float64).reshape(-1, 2))
-    stats = {**tr.stats, "points": int(len(tracks)), "views": int(len(rows)),
-             "patch_agreement": _agreement(views, view_offsets, second)}
+    _atomic_savez(
+        parts / f"scene_{index:03d}.npz",
+        views=views,
+        view_offsets=view_offsets,
+        second=second,
+        group_counts=counts,
+        obs_image=tr.obs_image[rows],
+        obs_xy=tr.obs_xy[rows],
+        obs_size=tr.obs_size[rows],
+        obs_angle=tr.obs_angle[rows],
+        obs_err=tr.obs_err[rows],
+        xyz=tr.xyz[tracks],
+        scales=np.asarray(tr.scales, np.float64).reshape(-1, 2),
+    )
+    stats = {
+        **tr.stats,
+        "points": int(len(tracks)),
+        "views": int(len(rows)),
+        "patch_agreement": _agreement(views, view_offsets, second),
+    }
     info = {"names": tr.names, "stats": stats}
     _atomic_write_text(parts / f"scene_{index:03d}.json", json.dumps(info))
     return info
 
 
-def _agreement(views: np.ndarray, view_offsets: np.ndarray, second: np.ndarray,
-               n: int = 2000) -> dict[str, float] | None:
+def _agreement(
+    views: np.ndarray, view_offsets: np.ndarray, second: np.ndarray, n: int = 2000
+) -> dict[str, float] | None:
     """Mean absolute difference (gray levels) of the fixed pairs of up to ``n`` points and of
     the same patches paired with another point's: a quick check that the pairs show the same
     thing."""
@@ -521,8 +593,10 @@ def _agreement(views: np.ndarray, view_offsets: np.ndarray, second: np.ndarray,
     k = np.linspace(0, t - 1, min(n, t)).astype(np.int64)
     a = views[view_offsets[k]].astype(np.float32)
     b = views[view_offsets[k] + second[k]].astype(np.float32)
-    return {"pairs": round(float(np.abs(a - b).mean()), 2),
-            "shuffled": round(float(np.abs(a - np.roll(b, 1, 0)).mean()), 2)}
+    return {
+        "pairs": round(float(np.abs(a - b).mean()), 2),
+        "shuffled": round(float(np.abs(a - np.roll(b, 1, 0)).mean()), 2),
+    }
 
 
 def build_multiview_pool(
@@ -560,18 +634,35 @@ def build_multiview_pool(
     if patch_size < 8:
         raise ConfigError("build_multiview_pool: patch_size must be >= 8")
     scenes = [s for d in scene_dirs for s in find_scenes(d)]
-    conf = TrackConfig(max_keypoints=max_keypoints, max_side=max_side, pair_window=pair_window,
-                       max_view_angle=max_view_angle, ratio=ratio, epipolar_px=epipolar_px,
-                       reproj_px=reproj_px, min_track=min_track,
-                       window=mr_size * window_factor)
+    conf = TrackConfig(
+        max_keypoints=max_keypoints,
+        max_side=max_side,
+        pair_window=pair_window,
+        max_view_angle=max_view_angle,
+        ratio=ratio,
+        epipolar_px=epipolar_px,
+        reproj_px=reproj_px,
+        min_track=min_track,
+        window=mr_size * window_factor,
+    )
     settings = {
-        "format": POOL_FORMAT, "version": POOL_VERSION, "kind": "multiview",
+        "format": POOL_FORMAT,
+        "version": POOL_VERSION,
+        "kind": "multiview",
         "sources": [str(s.resolve()) for s in scenes],
-        "patch_size": patch_size, "mr_size": mr_size, "window_factor": window_factor,
-        "max_keypoints": max_keypoints, "max_side": max_side, "pair_window": pair_window,
-        "max_view_angle": max_view_angle, "ratio": ratio, "epipolar_px": epipolar_px,
-        "reproj_px": reproj_px, "min_track": min_track,
-        "max_points_per_image": max_points_per_image, "seed": seed,
+        "patch_size": patch_size,
+        "mr_size": mr_size,
+        "window_factor": window_factor,
+        "max_keypoints": max_keypoints,
+        "max_side": max_side,
+        "pair_window": pair_window,
+        "max_view_angle": max_view_angle,
+        "ratio": ratio,
+        "epipolar_px": epipolar_px,
+        "reproj_px": reproj_px,
+        "min_track": min_track,
+        "max_points_per_image": max_points_per_image,
+        "seed": seed,
         **frames_settings(frames),
     }
     settings, parts = start_pool_build(out, settings)
@@ -585,12 +676,29 @@ def build_multiview_pool(
         if done.is_file() and (parts / f"scene_{si:03d}.npz").is_file():
             infos.append(json.loads(done.read_text()))
             continue
-        info = _make_scene_part(scene, si, parts, conf, patch_size, mr_size, window_factor,
-                                max_points_per_image, seed, progress, frames)
+        info = _make_scene_part(
+            scene,
+            si,
+            parts,
+            conf,
+            patch_size,
+            mr_size,
+            window_factor,
+            max_points_per_image,
+            seed,
+            progress,
+            frames,
+        )
         st = info["stats"]
-        log.info("%s: %d images, %d tracks, mean length %.2f, %d observations, reprojection "
-                 "%.3f px", st["scene"], st["images"], st["tracks"], st["mean_track_length"],
-                 st["observations"], st["mean_reproj_px"] or float("nan"))
+        log.info(
+            "%s: %d images, %d tracks, mean length %.2f, %d observations, reprojection %.3f px",
+            st["scene"],
+            st["images"],
+            st["tracks"],
+            st["mean_track_length"],
+            st["observations"],
+            st["mean_reproj_px"] or float("nan"),
+        )
         infos.append(info)
     seconds = time.perf_counter() - t0
 
@@ -603,24 +711,34 @@ def build_multiview_pool(
     p = patch_size
     pairs_tmp = out / (PAIRS_FILE + ".tmp.npy")
     views_tmp = out / (VIEWS_FILE + ".tmp.npy")
-    pairs = np.lib.format.open_memmap(pairs_tmp, mode="w+", dtype=np.uint8,
-                                      shape=(num_points, 2, p, p))
-    views = np.lib.format.open_memmap(views_tmp, mode="w+", dtype=np.uint8,
-                                      shape=(num_views, p, p))
+    pairs = np.lib.format.open_memmap(
+        pairs_tmp, mode="w+", dtype=np.uint8, shape=(num_points, 2, p, p)
+    )
+    views = np.lib.format.open_memmap(views_tmp, mode="w+", dtype=np.uint8, shape=(num_views, p, p))
     offs: list[np.ndarray] = [np.zeros(1, np.int64)]
     counts: list[np.ndarray] = []
     images: list[str] = []
     pt0 = vw0 = img0 = 0
-    cols: dict[str, list[np.ndarray]] = {k: [] for k in ("obs_image", "obs_xy", "obs_size",
-                                                         "obs_angle", "obs_err", "xyz",
-                                                         "point_scene", "scales")}
+    cols: dict[str, list[np.ndarray]] = {
+        k: []
+        for k in (
+            "obs_image",
+            "obs_xy",
+            "obs_size",
+            "obs_angle",
+            "obs_err",
+            "xyz",
+            "point_scene",
+            "scales",
+        )
+    }
     for si, (d, info) in enumerate(zip(datas, infos, strict=True)):
         vo = d["view_offsets"]
         t = len(vo) - 1
         v = d["views"]
-        views[vw0:vw0 + len(v)] = v
-        pairs[pt0:pt0 + t, 0] = v[vo[:-1]]
-        pairs[pt0:pt0 + t, 1] = v[vo[:-1] + d["second"]]
+        views[vw0 : vw0 + len(v)] = v
+        pairs[pt0 : pt0 + t, 0] = v[vo[:-1]]
+        pairs[pt0 : pt0 + t, 1] = v[vo[:-1] + d["second"]]
         offs.append(vo[1:] + vw0)
         counts.append(d["group_counts"])
         images += [f"{scenes[si].name}/{n}" for n in info["names"]]
@@ -654,19 +772,35 @@ def build_multiview_pool(
     return out
 
 
-def build_multiview_pool_for(path: str | Path, cache_root: str | Path, patch_size: int,
-                             mr_size: float, window_factor: float, seed: int,
-                             progress: Progress | None = None, frames: str | None = None
-                             ) -> Path:
+def build_multiview_pool_for(
+    path: str | Path,
+    cache_root: str | Path,
+    patch_size: int,
+    mr_size: float,
+    window_factor: float,
+    seed: int,
+    progress: Progress | None = None,
+    frames: str | None = None,
+) -> Path:
     """Build (or reuse) the multi-view pool of a scene folder or folder of scenes under
     ``cache_root``, named by the folder and a digest of the settings."""
-    key = json.dumps([str(Path(path).resolve()), patch_size, mr_size, window_factor, seed,
-                      "multiview", *frames_settings(frames).values()], sort_keys=True)
+    key = json.dumps(
+        [
+            str(Path(path).resolve()),
+            patch_size,
+            mr_size,
+            window_factor,
+            seed,
+            "multiview",
+            *frames_settings(frames).values(),
+        ],
+        sort_keys=True,
+    )
     digest = hashlib.sha256(key.encode()).hexdigest()[:10]
-    out = (Path(cache_root)
-           / f"multiview-{Path(path).resolve().name}-{patch_size}px-{digest}")
-    return build_multiview_pool([path], out, patch_size, mr_size, window_factor, seed=seed,
-                                progress=progress, frames=frames)
+    out = Path(cache_root) / f"multiview-{Path(path).resolve().name}-{patch_size}px-{digest}"
+    return build_multiview_pool(
+        [path], out, patch_size, mr_size, window_factor, seed=seed, progress=progress, frames=frames
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -683,10 +817,16 @@ class MultiviewPairPool(PairPool):
 
     kind = "multiview"
 
-    def __init__(self, views: np.ndarray, view_offsets: np.ndarray,
-                 group_offsets: np.ndarray | None, meta: dict[str, Any] | None = None,
-                 name: str = "multiview", point_rows: np.ndarray | None = None,
-                 pairs: np.ndarray | None = None) -> None:
+    def __init__(
+        self,
+        views: np.ndarray,
+        view_offsets: np.ndarray,
+        group_offsets: np.ndarray | None,
+        meta: dict[str, Any] | None = None,
+        name: str = "multiview",
+        point_rows: np.ndarray | None = None,
+        pairs: np.ndarray | None = None,
+    ) -> None:
         if views.ndim != 3 or views.shape[1] != views.shape[2]:
             raise ValueError(f"views must be (M,P,P), got {views.shape}")
         self.views = views
@@ -704,8 +844,11 @@ class MultiviewPairPool(PairPool):
         if not is_pool(path):
             raise InputError(f"{path}: not a pair pool (no {META_FILE} and {PAIRS_FILE})")
         meta = json.loads((path / META_FILE).read_text())
-        if (meta.get("format") != POOL_FORMAT or meta.get("version") != POOL_VERSION
-                or meta.get("kind") != "multiview"):
+        if (
+            meta.get("format") != POOL_FORMAT
+            or meta.get("version") != POOL_VERSION
+            or meta.get("kind") != "multiview"
+        ):
             raise InputError(f"{path}: not a {POOL_FORMAT} v{POOL_VERSION} multi-view pool")
         for f in (VIEWS_FILE, VIEW_OFFSETS_FILE):
             if not (path / f).is_file():
@@ -715,8 +858,9 @@ class MultiviewPairPool(PairPool):
         if len(offsets) - 1 != meta["num_pairs"] or len(views) != meta.get("num_views"):
             raise InputError(f"{path}: {VIEWS_FILE}/{VIEW_OFFSETS_FILE} do not fit meta.json")
         pairs = np.load(path / PAIRS_FILE, mmap_mode="r")
-        return cls(views, offsets, np.asarray(meta["offsets"], np.int64), meta, name=str(path),
-                   pairs=pairs)
+        return cls(
+            views, offsets, np.asarray(meta["offsets"], np.int64), meta, name=str(path), pairs=pairs
+        )
 
     @property
     def patch_size(self) -> int:
@@ -733,7 +877,7 @@ class MultiviewPairPool(PairPool):
         got = self.views[idx[order]]
         if self.crop:
             c0 = (got.shape[-1] - self.crop) // 2
-            got = got[..., c0:c0 + self.crop, c0:c0 + self.crop]
+            got = got[..., c0 : c0 + self.crop, c0 : c0 + self.crop]
         flat = np.empty((len(idx), self.patch_size, self.patch_size), np.uint8)
         flat[order] = got
         return flat.reshape(len(rows), 2, self.patch_size, self.patch_size)
@@ -742,12 +886,24 @@ class MultiviewPairPool(PairPool):
         out = MultiviewPairPool.__new__(MultiviewPairPool)
         out.__dict__.update(self.__dict__)
         out.point_rows = self.point_rows[np.asarray(points, np.int64)]
-        out.group_offsets = (None if group_offsets is None
-                             else np.asarray(group_offsets, np.int64))
+        out.group_offsets = None if group_offsets is None else np.asarray(group_offsets, np.int64)
         return out
 
 
-__all__ = ["Camera", "read_cameras", "fundamental_matrix", "epipolar_distance", "view_pairs",
-           "connected_components", "triangulate", "SceneTracks", "TrackConfig", "scene_tracks",
-           "find_scenes", "cut_patches", "build_multiview_pool", "build_multiview_pool_for",
-           "MultiviewPairPool"]
+__all__ = [
+    "Camera",
+    "read_cameras",
+    "fundamental_matrix",
+    "epipolar_distance",
+    "view_pairs",
+    "connected_components",
+    "triangulate",
+    "SceneTracks",
+    "TrackConfig",
+    "scene_tracks",
+    "find_scenes",
+    "cut_patches",
+    "build_multiview_pool",
+    "build_multiview_pool_for",
+    "MultiviewPairPool",
+]

@@ -100,8 +100,10 @@ class PhotoPairConfig:
         if not (math.isfinite(self.max_tilt) and self.max_tilt >= 1.0):
             raise ConfigError(f"max_tilt must be a number >= 1, got {self.max_tilt}")
         if not (self.max_size_ratio > 1.0 and 0.0 < self.max_angle_diff <= 180.0):
-            raise ConfigError("pairs need max_size_ratio > 1 and 0 < max_angle_diff <= 180, got "
-                              f"{self.max_size_ratio} and {self.max_angle_diff}")
+            raise ConfigError(
+                "pairs need max_size_ratio > 1 and 0 < max_angle_diff <= 180, got "
+                f"{self.max_size_ratio} and {self.max_angle_diff}"
+            )
 
     def settings(self) -> dict[str, Any]:
         """The fields as a dict for pool metadata and names, with how orientations are mapped
@@ -134,8 +136,9 @@ class PhotoPairs:
         return int(self.patches.shape[0])
 
 
-def random_homography(width: int, height: int, rng: np.random.Generator,
-                      conf: PhotoPairConfig = PhotoPairConfig()) -> np.ndarray:
+def random_homography(
+    width: int, height: int, rng: np.random.Generator, conf: PhotoPairConfig = PhotoPairConfig()
+) -> np.ndarray:
     """A random homography about the image centre. Shape: -> (3,3) float64, source -> warp."""
     cx, cy = (width - 1) / 2.0, (height - 1) / 2.0
     angle = math.radians(rng.uniform(-conf.max_rotation, conf.max_rotation))
@@ -147,8 +150,9 @@ def random_homography(width: int, height: int, rng: np.random.Generator,
     c, s = math.cos(angle), math.sin(angle)
     center = np.array([[1, 0, -cx], [0, 1, -cy], [0, 0, 1]], np.float64)
     persp = np.array([[1, 0, 0], [0, 1, 0], [px / max(cx, 1.0), py / max(cy, 1.0), 1]])
-    affine = np.array([[scale * math.sqrt(aniso), 0, 0], [0, scale / math.sqrt(aniso), 0],
-                       [0, 0, 1]])
+    affine = np.array(
+        [[scale * math.sqrt(aniso), 0, 0], [0, scale / math.sqrt(aniso), 0], [0, 0, 1]]
+    )
     rot = np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]])
     back = np.array([[1, 0, cx + tx], [0, 1, cy + ty], [0, 0, 1]])
     tilt = np.eye(3)
@@ -162,8 +166,9 @@ def random_homography(width: int, height: int, rng: np.random.Generator,
     return h / h[2, 2]
 
 
-def _window_corners(xy: np.ndarray, size: np.ndarray, angle: np.ndarray,
-                    window_scale: float) -> np.ndarray:
+def _window_corners(
+    xy: np.ndarray, size: np.ndarray, angle: np.ndarray, window_scale: float
+) -> np.ndarray:
     """Corners of each rotated square patch window. Shape: -> (N,4,2)."""
     half = np.asarray(size, np.float64) * window_scale / 2.0
     t = np.deg2rad(np.asarray(angle, np.float64))
@@ -194,12 +199,19 @@ def warp_image(image: np.ndarray, h: np.ndarray) -> np.ndarray:
     if scale < 0.95:
         sigma = 0.5 * math.sqrt(1.0 / scale**2 - 1.0)
         src = cv2.GaussianBlur(image, (0, 0), sigma)
-    return cv2.warpPerspective(src, h, (width, height), flags=cv2.INTER_LINEAR,
-                               borderMode=cv2.BORDER_CONSTANT, borderValue=0.0)
+    return cv2.warpPerspective(
+        src,
+        h,
+        (width, height),
+        flags=cv2.INTER_LINEAR,
+        borderMode=cv2.BORDER_CONSTANT,
+        borderValue=0.0,
+    )
 
 
-def photometric(image: np.ndarray, rng: np.random.Generator,
-                conf: PhotoPairConfig = PhotoPairConfig()) -> np.ndarray:
+def photometric(
+    image: np.ndarray, rng: np.random.Generator, conf: PhotoPairConfig = PhotoPairConfig()
+) -> np.ndarray:
     """A random photometric change. Shape: (H,W) float32 [0,1] -> (H,W) float32 [0,1]."""
     img = image.astype(np.float32, copy=True)
     contrast = rng.uniform(*conf.contrast)
@@ -232,16 +244,28 @@ def _dedupe(xy: np.ndarray, size: np.ndarray, angle: np.ndarray) -> np.ndarray:
     points" in a batch. Keypoints are strongest first. Shape: -> (M,) sorted indices."""
     if len(xy) == 0:
         return np.zeros(0, np.int64)
-    key = np.stack([np.round(xy[:, 0]), np.round(xy[:, 1]),
-                    np.round(np.log2(np.maximum(size, 1e-3)) * 4),
-                    np.round(angle / 20.0) % 18], 1).astype(np.int64)
+    key = np.stack(
+        [
+            np.round(xy[:, 0]),
+            np.round(xy[:, 1]),
+            np.round(np.log2(np.maximum(size, 1e-3)) * 4),
+            np.round(angle / 20.0) % 18,
+        ],
+        1,
+    ).astype(np.int64)
     _, first = np.unique(key, axis=0, return_index=True)
     return np.sort(first)
 
 
-def _pair_detected(m_xy: np.ndarray, m_size: np.ndarray, m_angle: np.ndarray,
-                   d_xy: np.ndarray, d_size: np.ndarray, d_angle: np.ndarray,
-                   conf: PhotoPairConfig) -> tuple[np.ndarray, np.ndarray]:
+def _pair_detected(
+    m_xy: np.ndarray,
+    m_size: np.ndarray,
+    m_angle: np.ndarray,
+    d_xy: np.ndarray,
+    d_size: np.ndarray,
+    d_angle: np.ndarray,
+    conf: PhotoPairConfig,
+) -> tuple[np.ndarray, np.ndarray]:
     """Pair mapped source keypoints with detected warp keypoints, one to one.
 
     A candidate agrees in position (``<= max_pair_px``), size (ratio ``<= max_size_ratio``) and
@@ -273,7 +297,7 @@ def _pair_detected(m_xy: np.ndarray, m_size: np.ndarray, m_angle: np.ndarray,
     da = np.abs((m_angle[si] - d_angle[wj] + 180.0) % 360.0 - 180.0)
     ok = (dist <= r) & (lr <= log_ratio) & (da <= conf.max_angle_diff)
     si, wj = si[ok], wj[ok]
-    cost = (dist[ok] / r + lr[ok] / log_ratio + da[ok] / max(conf.max_angle_diff, 1e-6))
+    cost = dist[ok] / r + lr[ok] / log_ratio + da[ok] / max(conf.max_angle_diff, 1e-6)
     # Best candidate per source, then best source per warp keypoint.
     by_cost = np.argsort(cost, kind="stable")
     _, first = np.unique(si[by_cost], return_index=True)
@@ -331,24 +355,36 @@ def photo_pairs(
         corners = _window_corners(xy, size, angle, win)
         back, w = apply_homography(h_inv, corners.reshape(-1, 2))
         back_ok = _inside(back.reshape(-1, 4, 2), width, height, conf.margin)
-        return (_inside(corners, width, height, conf.margin) & back_ok
-                & (w.reshape(-1, 4) > 0).all(1))
+        return (
+            _inside(corners, width, height, conf.margin) & back_ok & (w.reshape(-1, 4) > 0).all(1)
+        )
 
     src_ok = _inside(_window_corners(s_xy, s_size, s_angle, win), width, height, conf.margin)
     valid_src = front & src_ok
     mapped_idx = np.flatnonzero(valid_src & dst_ok(m_xy, m_size, m_angle))
 
     mode = "mapped"
-    sel_src, d_xy, d_size, d_angle = mapped_idx, m_xy[mapped_idx], m_size[mapped_idx], \
-        m_angle[mapped_idx]
+    sel_src, d_xy, d_size, d_angle = (
+        mapped_idx,
+        m_xy[mapped_idx],
+        m_size[mapped_idx],
+        m_angle[mapped_idx],
+    )
     if conf.pairing == "detected":
         kd = det(dst)
         dk = _dedupe(kd.xy, kd.size, kd.angle)
         w_xy, w_size, w_angle = kd.xy[dk], kd.size[dk], kd.angle[dk]
         w_valid = np.flatnonzero(dst_ok(w_xy, w_size, w_angle))
         cand = np.flatnonzero(valid_src)
-        si, wj = _pair_detected(m_xy[cand], m_size[cand], m_angle[cand], w_xy[w_valid],
-                                w_size[w_valid], w_angle[w_valid], conf)
+        si, wj = _pair_detected(
+            m_xy[cand],
+            m_size[cand],
+            m_angle[cand],
+            w_xy[w_valid],
+            w_size[w_valid],
+            w_angle[w_valid],
+            conf,
+        )
         enough = len(si) >= min(conf.min_detected_pairs, max_pairs)
         if enough or len(si) >= len(mapped_idx):
             mode = "detected"
@@ -363,26 +399,46 @@ def photo_pairs(
 
     k = len(sel_src)
     if frames is not None and k:
-        a_size, a_angle = refine_frames(frames, torch.from_numpy(src), a_xy, a_size, a_angle,
-                                        frames_mr_size)
-        d_size, d_angle = refine_frames(frames, torch.from_numpy(dst), d_xy, d_size, d_angle,
-                                        frames_mr_size)
+        a_size, a_angle = refine_frames(
+            frames, torch.from_numpy(src), a_xy, a_size, a_angle, frames_mr_size
+        )
+        d_size, d_angle = refine_frames(
+            frames, torch.from_numpy(dst), d_xy, d_size, d_angle, frames_mr_size
+        )
     factors = (window_factor, 2.0 * window_factor) if surround else (window_factor,)
     cuts = [np.empty((k, 2, patch_size, patch_size), np.uint8) for _ in factors]
     if k:
         with torch.inference_mode():
             for col, (img, xy, size, ang) in enumerate(
-                    ((src, a_xy, a_size, a_angle), (dst, d_xy, d_size, d_angle))):
+                ((src, a_xy, a_size, a_angle), (dst, d_xy, d_size, d_angle))
+            ):
                 t = torch.from_numpy(img)
                 pyr = build_pyramid(t)
                 for cut, factor in zip(cuts, factors, strict=True):
-                    p = extract_patches(t, xy, size, ang, patch_size=patch_size,
-                                        mr_size=mr_size, window_factor=factor, pyramid=pyr)
+                    p = extract_patches(
+                        t,
+                        xy,
+                        size,
+                        ang,
+                        patch_size=patch_size,
+                        mr_size=mr_size,
+                        window_factor=factor,
+                        pyramid=pyr,
+                    )
                     cut[:, col] = (p[:, 0] * 255.0 + 0.5).clamp_(0, 255).to(torch.uint8).numpy()
     f32 = np.float32
-    return PhotoPairs(cuts[0], a_xy.astype(f32), a_size.astype(f32), a_angle.astype(f32),
-                      np.asarray(d_xy, f32), np.asarray(d_size, f32), np.asarray(d_angle, f32),
-                      h, mode, cuts[1] if surround else None)
+    return PhotoPairs(
+        cuts[0],
+        a_xy.astype(f32),
+        a_size.astype(f32),
+        a_angle.astype(f32),
+        np.asarray(d_xy, f32),
+        np.asarray(d_size, f32),
+        np.asarray(d_angle, f32),
+        h,
+        mode,
+        cuts[1] if surround else None,
+    )
 
 
 def load_photo(path: str | Path, max_side: int = 640) -> np.ndarray:

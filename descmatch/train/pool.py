@@ -159,20 +159,31 @@ def _run_job(job: _Job) -> tuple[int, list[int], list[str], list[str]]:
             errors.append(str(e))
             continue
         rng = np.random.default_rng([job.seed, index])
-        res = photo_pairs(image, rng, job.conf, job.patch_size, job.mr_size, job.window_factor,
-                          job.pairs_per_image, frames=frames, frames_mr_size=frames_mr)
+        res = photo_pairs(
+            image,
+            rng,
+            job.conf,
+            job.patch_size,
+            job.mr_size,
+            job.window_factor,
+            job.pairs_per_image,
+            frames=frames,
+            frames_mr_size=frames_mr,
+        )
         arrays.append(res.patches)
         counts.append(len(res))
         modes.append(res.mode)
     p = job.patch_size
     data = np.concatenate(arrays) if arrays else np.zeros((0, 2, p, p), np.uint8)
-    write_part(Path(job.parts), job.chunk, data,
-               {"counts": counts, "modes": modes, "errors": errors})
+    write_part(
+        Path(job.parts), job.chunk, data, {"counts": counts, "modes": modes, "errors": errors}
+    )
     return job.chunk, counts, modes, errors
 
 
-def _select_images(photo_dirs: Sequence[str | Path], max_images: int | None,
-                   seed: int) -> list[tuple[str, str]]:
+def _select_images(
+    photo_dirs: Sequence[str | Path], max_images: int | None, seed: int
+) -> list[tuple[str, str]]:
     """(path, name) of every image of the folders, in order; ``max_images`` keeps an evenly
     random subset (seeded), still in folder order."""
     items: list[tuple[str, str]] = []
@@ -180,14 +191,14 @@ def _select_images(photo_dirs: Sequence[str | Path], max_images: int | None,
         lst = list_images(d)
         items += [(str(lst.path(n)), f"{Path(d).name}/{n}") for n in lst.names]
     if max_images is not None and 0 < max_images < len(items):
-        pick = np.sort(np.random.default_rng([seed, 7]).choice(len(items), max_images,
-                                                                 replace=False))
+        pick = np.sort(
+            np.random.default_rng([seed, 7]).choice(len(items), max_images, replace=False)
+        )
         items = [items[i] for i in pick]
     return items
 
 
-def start_pool_build(out: Path, settings: dict[str, Any]
-                     ) -> tuple[dict[str, Any], Path | None]:
+def start_pool_build(out: Path, settings: dict[str, Any]) -> tuple[dict[str, Any], Path | None]:
     """Check a pool folder against the settings of a build about to start.
 
     Returns the settings as they read back from JSON, and the parts folder to build into, or
@@ -198,16 +209,20 @@ def start_pool_build(out: Path, settings: dict[str, Any]
     if is_pool(out):
         meta = json.loads((out / META_FILE).read_text())
         if {k: meta.get(k) for k in settings} != settings:
-            raise OutputError(f"{out}: a pool with other settings is already there; remove it "
-                              "or choose another folder")
+            raise OutputError(
+                f"{out}: a pool with other settings is already there; remove it "
+                "or choose another folder"
+            )
         return settings, None
     parts = out / PARTS_DIR
     parts.mkdir(parents=True, exist_ok=True)
     settings_file = parts / "settings.json"
     if settings_file.is_file():
         if json.loads(settings_file.read_text()) != settings:
-            raise OutputError(f"{out}: holds an unfinished pool with other settings; remove it "
-                              "or choose another folder")
+            raise OutputError(
+                f"{out}: holds an unfinished pool with other settings; remove it "
+                "or choose another folder"
+            )
     else:
         _atomic_write_text(settings_file, json.dumps(settings, indent=1))
     return settings, parts
@@ -244,29 +259,55 @@ def build_pool(
     out = Path(out)
     conf = conf or PhotoPairConfig()
     if pairs_per_image < 1 or patch_size < 8 or chunk_images < 1 or workers < 1:
-        raise ConfigError("build_pool: pairs_per_image, chunk_images, workers must be >= 1 and "
-                          "patch_size >= 8")
+        raise ConfigError(
+            "build_pool: pairs_per_image, chunk_images, workers must be >= 1 and patch_size >= 8"
+        )
     items = _select_images(photo_dirs, max_images, seed)
     settings = {
-        "format": POOL_FORMAT, "version": POOL_VERSION, "kind": "photos",
+        "format": POOL_FORMAT,
+        "version": POOL_VERSION,
+        "kind": "photos",
         "sources": [str(Path(d).resolve()) for d in photo_dirs],
-        "num_images": len(items), "max_images": max_images,
-        "pairs_per_image": pairs_per_image, "patch_size": patch_size, "mr_size": mr_size,
-        "window_factor": window_factor, "seed": seed, "photo_conf": conf.settings(),
-        "chunk_images": chunk_images, **frames_settings(frames),
+        "num_images": len(items),
+        "max_images": max_images,
+        "pairs_per_image": pairs_per_image,
+        "patch_size": patch_size,
+        "mr_size": mr_size,
+        "window_factor": window_factor,
+        "seed": seed,
+        "photo_conf": conf.settings(),
+        "chunk_images": chunk_images,
+        **frames_settings(frames),
     }
     settings, parts = start_pool_build(out, settings)
     if parts is None:
         return out
 
     t0 = time.perf_counter()
-    chunks = [list(range(s, min(s + chunk_images, len(items))))
-              for s in range(0, len(items), chunk_images)]
+    chunks = [
+        list(range(s, min(s + chunk_images, len(items))))
+        for s in range(0, len(items), chunk_images)
+    ]
     done = {c for c in range(len(chunks)) if part_done(parts, c)}
     threads = 1 if workers > 1 else 0
-    jobs = [_Job(c, tuple(items[i][0] for i in idx), tuple(idx), str(parts), pairs_per_image,
-                 patch_size, mr_size, window_factor, seed, conf, threads, frames)
-            for c, idx in enumerate(chunks) if c not in done]
+    jobs = [
+        _Job(
+            c,
+            tuple(items[i][0] for i in idx),
+            tuple(idx),
+            str(parts),
+            pairs_per_image,
+            patch_size,
+            mr_size,
+            window_factor,
+            seed,
+            conf,
+            threads,
+            frames,
+        )
+        for c, idx in enumerate(chunks)
+        if c not in done
+    ]
     finished = len(done)
     made = 0
     if workers == 1:
@@ -316,12 +357,13 @@ def assemble_parts(parts: Path, num_parts: int, out: Path, total: int, patch_siz
     """Concatenate ``parts/part_00000.npy`` .. (``num_parts`` of them, ``total`` pairs in all)
     into ``out/pairs.npy``, written under a temporary name and renamed."""
     tmp = out / (PAIRS_FILE + ".tmp.npy")
-    arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8,
-                                    shape=(total, 2, patch_size, patch_size))
+    arr = np.lib.format.open_memmap(
+        tmp, mode="w+", dtype=np.uint8, shape=(total, 2, patch_size, patch_size)
+    )
     pos = 0
     for c in range(num_parts):
         part = np.load(parts / f"part_{c:05d}.npy", mmap_mode="r")
-        arr[pos:pos + len(part)] = part
+        arr[pos : pos + len(part)] = part
         pos += len(part)
     arr.flush()
     del arr
@@ -344,25 +386,37 @@ class PairPool:
 
     kind = "photos"
 
-    def __init__(self, pairs: np.ndarray, group_offsets: np.ndarray | None,
-                 meta: dict[str, Any] | None = None, name: str = "pool",
-                 point_rows: np.ndarray | None = None) -> None:
+    def __init__(
+        self,
+        pairs: np.ndarray,
+        group_offsets: np.ndarray | None,
+        meta: dict[str, Any] | None = None,
+        name: str = "pool",
+        point_rows: np.ndarray | None = None,
+    ) -> None:
         if pairs.ndim != 4 or pairs.shape[1] != 2 or pairs.shape[2] != pairs.shape[3]:
             raise ValueError(f"pairs must be (K,2,P,P), got {pairs.shape}")
         self.pairs = pairs
         self._init_points(len(pairs), group_offsets, meta, name, point_rows)
 
-    def _init_points(self, rows: int, group_offsets: np.ndarray | None,
-                     meta: dict[str, Any] | None, name: str,
-                     point_rows: np.ndarray | None) -> None:
+    def _init_points(
+        self,
+        rows: int,
+        group_offsets: np.ndarray | None,
+        meta: dict[str, Any] | None,
+        name: str,
+        point_rows: np.ndarray | None,
+    ) -> None:
         """Points (``point_rows``, default all ``rows`` rows of the backing array), groups,
         meta, name; no crop."""
         self.meta = dict(meta or {})
         self.name = name
-        self.point_rows = (np.arange(rows, dtype=np.int64) if point_rows is None
-                           else np.asarray(point_rows, np.int64))
-        self.group_offsets = None if group_offsets is None else np.asarray(group_offsets,
-                                                                           np.int64)
+        self.point_rows = (
+            np.arange(rows, dtype=np.int64)
+            if point_rows is None
+            else np.asarray(point_rows, np.int64)
+        )
+        self.group_offsets = None if group_offsets is None else np.asarray(group_offsets, np.int64)
         if self.group_offsets is not None and self.group_offsets[-1] != len(self.point_rows):
             raise ValueError("group offsets do not cover the points")
         self.crop: int | None = None
@@ -375,21 +429,26 @@ class PairPool:
             raise InputError(f"{path}: not a pair pool (no {META_FILE} and {PAIRS_FILE})")
         meta = json.loads((path / META_FILE).read_text())
         if meta.get("format") != POOL_FORMAT or meta.get("version") != POOL_VERSION:
-            raise InputError(f"{path}: pool format {meta.get('format')} v{meta.get('version')}"
-                             f" is not {POOL_FORMAT} v{POOL_VERSION}")
+            raise InputError(
+                f"{path}: pool format {meta.get('format')} v{meta.get('version')}"
+                f" is not {POOL_FORMAT} v{POOL_VERSION}"
+            )
         pairs = np.load(path / PAIRS_FILE, mmap_mode="r")
         if len(pairs) != meta["num_pairs"]:
-            raise InputError(f"{path}: {PAIRS_FILE} holds {len(pairs)} pairs, meta says "
-                             f"{meta['num_pairs']}")
+            raise InputError(
+                f"{path}: {PAIRS_FILE} holds {len(pairs)} pairs, meta says {meta['num_pairs']}"
+            )
         return cls(pairs, np.asarray(meta["offsets"], np.int64), meta, name=str(path))
 
     @staticmethod
     def from_brown(dataset: Any, name: str | None = None) -> BrownPairPool:
         """A pool over a :class:`~descmatch.train.brown.BrownDataset` (points with >= 2 patches)."""
-        return BrownPairPool(dataset.patches, dataset.point_ids,
-                             name=name or f"brown:{dataset.root}",
-                             meta={"kind": "brown", "patch_size": dataset.patch_size,
-                                   "source": str(dataset.root)})
+        return BrownPairPool(
+            dataset.patches,
+            dataset.point_ids,
+            name=name or f"brown:{dataset.root}",
+            meta={"kind": "brown", "patch_size": dataset.patch_size, "source": str(dataset.root)},
+        )
 
     @property
     def patch_size(self) -> int:
@@ -417,8 +476,10 @@ class PairPool:
         return self.num_points
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}({self.name!r}, points={self.num_points}, "
-                f"groups={self.num_groups}, patch_size={self.patch_size})")
+        return (
+            f"{type(self).__name__}({self.name!r}, points={self.num_points}, "
+            f"groups={self.num_groups}, patch_size={self.patch_size})"
+        )
 
     def gather(self, points: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
         """The pairs of these points (rows read in sorted order: fast on a memory map).
@@ -431,14 +492,19 @@ class PairPool:
         got = self.pairs[rows[order]]
         if self.crop:
             c0 = (got.shape[-1] - self.crop) // 2
-            got = got[..., c0:c0 + self.crop, c0:c0 + self.crop]
+            got = got[..., c0 : c0 + self.crop, c0 : c0 + self.crop]
         out[order] = got
         return out
 
     def subset(self, points: np.ndarray, group_offsets: np.ndarray | None) -> PairPool:
         """A pool of some of the points (same backing array)."""
-        out = PairPool(self.pairs, group_offsets, self.meta, self.name,
-                       self.point_rows[np.asarray(points, np.int64)])
+        out = PairPool(
+            self.pairs,
+            group_offsets,
+            self.meta,
+            self.name,
+            self.point_rows[np.asarray(points, np.int64)],
+        )
         out.crop = self.crop
         return out
 
@@ -454,21 +520,29 @@ class PairPool:
             return (self.subset(np.sort(perm[k:]), None), self.subset(np.sort(perm[:k]), None))
         g = self.num_groups
         if g < 2:
-            raise ConfigError(f"{self.name}: one image cannot be split into training and "
-                              "validation; give a validation set")
+            raise ConfigError(
+                f"{self.name}: one image cannot be split into training and "
+                "validation; give a validation set"
+            )
         sizes = np.diff(self.group_offsets)
         perm = rng.permutation(g)
         k = max(1, round(val_fraction * g))
         parts = []
         for groups in (np.sort(perm[k:]), np.sort(perm[:k])):
-            pts = (np.concatenate([np.arange(self.group_offsets[i], self.group_offsets[i + 1])
-                                   for i in groups]) if len(groups) else np.zeros(0, np.int64))
+            pts = (
+                np.concatenate(
+                    [np.arange(self.group_offsets[i], self.group_offsets[i + 1]) for i in groups]
+                )
+                if len(groups)
+                else np.zeros(0, np.int64)
+            )
             offs = np.concatenate([[0], np.cumsum(sizes[groups])])
             parts.append(self.subset(pts, offs))
         return parts[0], parts[1]
 
-    def verification_set(self, num_points: int, seed: int = 0
-                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    def verification_set(
+        self, num_points: int, seed: int = 0
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Patches and balanced verification pairs for FPR95: every chosen point gives one
         matching pair and one non-matching pair whose other patch is of another chosen point of
         the same group when there is one (a hard negative), else of a random one.
@@ -511,8 +585,14 @@ class BrownPairPool(PairPool):
 
     kind = "brown"
 
-    def __init__(self, patches: np.ndarray, point_ids: np.ndarray, name: str = "brown",
-                 meta: dict[str, Any] | None = None, points: np.ndarray | None = None) -> None:
+    def __init__(
+        self,
+        patches: np.ndarray,
+        point_ids: np.ndarray,
+        name: str = "brown",
+        meta: dict[str, Any] | None = None,
+        points: np.ndarray | None = None,
+    ) -> None:
         if patches.ndim != 3 or patches.shape[1] != patches.shape[2]:
             raise ValueError(f"patches must be (M,P,P), got {patches.shape}")
         self.patches = patches
@@ -524,8 +604,11 @@ class BrownPairPool(PairPool):
         self._order = order.astype(np.int64)
         self._start_all = start[keep].astype(np.int64)
         self._count_all = count[keep].astype(np.int64)
-        self._points = (np.arange(int(keep.sum()), dtype=np.int64) if points is None
-                        else np.asarray(points, np.int64))
+        self._points = (
+            np.arange(int(keep.sum()), dtype=np.int64)
+            if points is None
+            else np.asarray(points, np.int64)
+        )
         self.meta = dict(meta or {})
         self.name = name
         self.group_offsets = None
@@ -571,11 +654,18 @@ class SameImageSampler:
     all distinct.
     """
 
-    def __init__(self, group_offsets: np.ndarray | None, num_points: int, batch_size: int,
-                 images_per_batch: int = 4) -> None:
+    def __init__(
+        self,
+        group_offsets: np.ndarray | None,
+        num_points: int,
+        batch_size: int,
+        images_per_batch: int = 4,
+    ) -> None:
         if not 2 <= batch_size <= num_points:
-            raise ConfigError(f"batch size {batch_size} must be within 2..{num_points} (the "
-                              "number of training points)")
+            raise ConfigError(
+                f"batch size {batch_size} must be within 2..{num_points} (the "
+                "number of training points)"
+            )
         self.offsets = None if group_offsets is None else np.asarray(group_offsets, np.int64)
         self.num_points = int(num_points)
         self.batch_size = int(batch_size)
@@ -630,11 +720,14 @@ class MinedSampler:
     Shape: ``batch_points(rng, step)`` -> (batch_size,) pool point indices.
     """
 
-    def __init__(self, num_points: int, batch_size: int, mine_points: int,
-                 group_size: int | None, seed: int) -> None:
+    def __init__(
+        self, num_points: int, batch_size: int, mine_points: int, group_size: int | None, seed: int
+    ) -> None:
         if not 2 <= batch_size <= num_points:
-            raise ConfigError(f"batch size {batch_size} must be within 2..{num_points} (the "
-                              "number of training points)")
+            raise ConfigError(
+                f"batch size {batch_size} must be within 2..{num_points} (the "
+                "number of training points)"
+            )
         self.num_points, self.batch_size = int(num_points), int(batch_size)
         self.subset_size = min(self.num_points, max(int(mine_points), self.batch_size))
         self.group_size = None if group_size is None else max(1, int(group_size))
@@ -658,13 +751,19 @@ class MinedSampler:
             raise ValueError(f"descriptors must be ({len(subset)}, D), got {desc.shape}")
         self.subset, self.descriptors = subset, desc
         self._sampler = HardNegativeSampler(
-            _point_ids(len(subset)), np.repeat(desc.astype(np.float32), 2, axis=0),
-            self.batch_size, 0, group_size=self.group_size, seed=self.seed)
+            _point_ids(len(subset)),
+            np.repeat(desc.astype(np.float32), 2, axis=0),
+            self.batch_size,
+            0,
+            group_size=self.group_size,
+            seed=self.seed,
+        )
 
     def batch_points(self, rng: np.random.Generator, step: int) -> np.ndarray:
         if self._sampler is None or self.subset is None:
-            raise RuntimeError("hard-negative batches need descriptors: call "
-                               "MixedBatches.mine first")
+            raise RuntimeError(
+                "hard-negative batches need descriptors: call MixedBatches.mine first"
+            )
         return self.subset[self._sampler.batch_points(rng, step)]
 
 
@@ -689,11 +788,22 @@ class MixedBatches:
     Shape: ``batch(step)`` -> (batch_size,2,P,P) uint8, and the index of the pool used.
     """
 
-    def __init__(self, pools: Sequence[PairPool], weights: Sequence[float], batch_size: int,
-                 images_per_batch: int = 4, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, *, sampler: str = "same-image", p1_fraction: float = 0.5,
-                 mine_every: int = 1000, mine_points: int = 32768,
-                 mine_group: int | None = 64) -> None:
+    def __init__(
+        self,
+        pools: Sequence[PairPool],
+        weights: Sequence[float],
+        batch_size: int,
+        images_per_batch: int = 4,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        *,
+        sampler: str = "same-image",
+        p1_fraction: float = 0.5,
+        mine_every: int = 1000,
+        mine_points: int = 32768,
+        mine_group: int | None = 64,
+    ) -> None:
         if not pools or len(pools) != len(weights):
             raise ConfigError("give one weight per data source")
         w = np.asarray(weights, np.float64)
@@ -719,22 +829,30 @@ class MixedBatches:
         self.samplers: list[Any] = []
         for k, p in enumerate(self.pools):
             if sampler == "same-image":
-                self.samplers.append(SameImageSampler(p.group_offsets, p.num_points, batch_size,
-                                                      images_per_batch))
+                self.samplers.append(
+                    SameImageSampler(p.group_offsets, p.num_points, batch_size, images_per_batch)
+                )
                 continue
             if not 2 <= batch_size <= p.num_points:
-                raise ConfigError(f"batch size {batch_size} must be within 2..{p.num_points} "
-                                  f"(the number of training points of {p.name})")
+                raise ConfigError(
+                    f"batch size {batch_size} must be within 2..{p.num_points} "
+                    f"(the number of training points of {p.name})"
+                )
             sub = _sub_seed(self.seed, k, 43)
             if sampler == "random":
-                self.samplers.append(HardNetSampler(_point_ids(p.num_points), batch_size, 0,
-                                                    seed=sub))
+                self.samplers.append(
+                    HardNetSampler(_point_ids(p.num_points), batch_size, 0, seed=sub)
+                )
             elif sampler == "progressive":
-                self.samplers.append(ProgressiveSampler(_point_ids(p.num_points), batch_size,
-                                                        None, p1_fraction, seed=sub))
+                self.samplers.append(
+                    ProgressiveSampler(
+                        _point_ids(p.num_points), batch_size, None, p1_fraction, seed=sub
+                    )
+                )
             else:
-                self.samplers.append(MinedSampler(p.num_points, batch_size, mine_points,
-                                                  mine_group, sub))
+                self.samplers.append(
+                    MinedSampler(p.num_points, batch_size, mine_points, mine_group, sub)
+                )
 
     def batch(self, step: int) -> tuple[np.ndarray, int]:
         rng = np.random.default_rng([self.seed, int(step), 17])
@@ -747,7 +865,7 @@ class MixedBatches:
                 raise RuntimeError(f"batch {step}: mine round {step // self.mine_every} first")
             pts = sampler.batch_points(rng, int(step))
         if self.world_size > 1:
-            pts = pts[self.rank::self.world_size]
+            pts = pts[self.rank :: self.world_size]
         return self.pools[k].gather(pts, rng), k
 
     # Hard-negative mining.
@@ -788,15 +906,23 @@ class MixedBatches:
             if s.subset is None:
                 pools.append(None)
             else:
-                pools.append({"subset": torch.from_numpy(s.subset.copy()),
-                              "descriptors": torch.from_numpy(s.descriptors.copy())})
+                pools.append(
+                    {
+                        "subset": torch.from_numpy(s.subset.copy()),
+                        "descriptors": torch.from_numpy(s.descriptors.copy()),
+                    }
+                )
         return {"round": int(self.mined_round), "mine_every": self.mine_every, "pools": pools}
 
     def load_mining_state(self, state: dict[str, Any] | None) -> None:
         """Restore :meth:`mining_state` (nothing when it does not fit these settings: the next
         batch then mines again)."""
-        if (not self.mines or not state or int(state.get("mine_every", -1)) != self.mine_every
-                or len(state.get("pools", [])) != len(self.samplers)):
+        if (
+            not self.mines
+            or not state
+            or int(state.get("mine_every", -1)) != self.mine_every
+            or len(state.get("pools", [])) != len(self.samplers)
+        ):
             return
         for s, st in zip(self.samplers, state["pools"], strict=True):
             if st is not None:
@@ -809,21 +935,52 @@ class MixedBatches:
         self.mined_round = int(state["round"])
 
 
-def build_photo_pool_for(photo_dir: str | Path, cache_root: str | Path, patch_size: int,
-                         mr_size: float, window_factor: float, pairs_per_image: int, seed: int,
-                         workers: int = 1, progress: Progress | None = None,
-                         conf: PhotoPairConfig | None = None,
-                         max_images: int | None = None, frames: str | None = None) -> Path:
+def build_photo_pool_for(
+    photo_dir: str | Path,
+    cache_root: str | Path,
+    patch_size: int,
+    mr_size: float,
+    window_factor: float,
+    pairs_per_image: int,
+    seed: int,
+    workers: int = 1,
+    progress: Progress | None = None,
+    conf: PhotoPairConfig | None = None,
+    max_images: int | None = None,
+    frames: str | None = None,
+) -> Path:
     """Build (or reuse) the pool of a photo folder under ``cache_root``, named by the folder and
     a digest of the settings."""
     import hashlib
 
     conf = conf or PhotoPairConfig()
-    key = json.dumps([str(Path(photo_dir).resolve()), patch_size, mr_size, window_factor,
-                      pairs_per_image, seed, max_images, conf.settings(),
-                      *frames_settings(frames).values()], sort_keys=True)
+    key = json.dumps(
+        [
+            str(Path(photo_dir).resolve()),
+            patch_size,
+            mr_size,
+            window_factor,
+            pairs_per_image,
+            seed,
+            max_images,
+            conf.settings(),
+            *frames_settings(frames).values(),
+        ],
+        sort_keys=True,
+    )
     digest = hashlib.sha256(key.encode()).hexdigest()[:10]
     out = Path(cache_root) / f"{Path(photo_dir).resolve().name}-{patch_size}px-{digest}"
-    return build_pool([photo_dir], out, pairs_per_image, patch_size, mr_size, seed, workers,
-                      progress, window_factor=window_factor, conf=conf, max_images=max_images,
-                      frames=frames)
+    return build_pool(
+        [photo_dir],
+        out,
+        pairs_per_image,
+        patch_size,
+        mr_size,
+        seed,
+        workers,
+        progress,
+        window_factor=window_factor,
+        conf=conf,
+        max_images=max_images,
+        frames=frames,
+    )
