@@ -18,6 +18,7 @@ import torch
 
 from .errors import WeightsError
 from .nets import MODELS, DescriptorNet, build_net
+from .safe_load import load_torch_file
 
 
 def weights_dir() -> Path:
@@ -71,11 +72,7 @@ def resolve(method: str, weights: str | Path | None = None) -> Path:
 
 
 def _load(path: Path) -> Any:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise WeightsError(f"{path}: not a loadable weights file ({msg[:120]})") from None
+    return load_torch_file(path, "weights file", WeightsError)
 
 
 @dataclass
