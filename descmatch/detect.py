@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import cv2
 import numpy as np
@@ -56,6 +56,24 @@ class Keypoints:
     def empty() -> Keypoints:
         z = np.zeros((0,), np.float32)
         return Keypoints(np.zeros((0, 2), np.float32), z, z.copy(), z.copy(), ())
+
+
+@runtime_checkable
+class Detector(Protocol):
+    """What ``extract``, ``match_images`` and ``sfm`` need of a keypoint detector.
+
+    ``name`` is recorded in features files; ``settings()`` is what a features file records
+    and must match to be completed; calling it on a gray float32 image in [0,1] gives its
+    keypoints, strongest first. Shape: image (H,W) -> Keypoints of N points.
+    """
+
+    name: ClassVar[str]
+    max_keypoints: int
+    upright: bool
+
+    def settings(self) -> dict[str, Any]: ...
+
+    def __call__(self, image: np.ndarray) -> Keypoints: ...
 
 
 @dataclass(frozen=True)
@@ -137,17 +155,18 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
     return np.clip(image * 255.0 + 0.5, 0, 255).astype(np.uint8)
 
 
-def _dog(**conf: Any) -> Any:
+def _dog(**conf: Any) -> Detector:
     from .dog import DoGDetector  # torch: imported when asked for
 
     return DoGDetector(**conf)
 
 
 #: sift: OpenCV's detector (CPU); dog: the same DoG detector in torch (any device, the GPU path)
-DETECTORS: dict[str, Callable[..., Any]] = {"sift": SiftDetector, "dog": _dog}
+DETECTORS: dict[str, Callable[..., Detector]] = {"sift": SiftDetector, "dog": _dog}
 
 
-def build_detector(name: str = "sift", **conf: Any) -> Any:
+def build_detector(name: str = "sift", **conf: Any) -> Detector:
+    """A detector by name (:data:`DETECTORS`): ``build_detector("sift", max_keypoints=8000)``."""
     try:
         make = DETECTORS[name]
     except KeyError:
