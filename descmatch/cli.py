@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import signal
 import sys
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from enum import Enum
@@ -493,15 +492,9 @@ def _match_two(
     frames: str,
     size_pool: str,
 ) -> None:
-    import torch
+    from .two_view import match_images
 
-    from .export.viz import draw_matches, verify, write_image
-    from .images import read_image
-    from .images import resize_max as do_resize
-    from .match import match_descriptors
-
-    t0 = time.perf_counter()
-    detector, describer = _setup(
+    det, describer = _setup(
         method,
         weights,
         device,
@@ -514,29 +507,16 @@ def _match_two(
         frames,
         size_pool,
     )
-    dev = _device(device)
-    feats = []
-    for p in (a, b):
-        if not p.exists():
-            raise InputError(f"{p}: no such file")
-        img, _ = do_resize(read_image(p), resize_max)
-        kps = detector(img)
-        feats.append((img, kps, describer(img, kps)))
-    (im0, k0, d0), (im1, k1, d1) = feats
-    m, _ = match_descriptors(
-        torch.from_numpy(d0).to(dev), torch.from_numpy(d1).to(dev), ratio, mutual
+    res = match_images(
+        a, b, det, describer, ratio, mutual, geometry.value, _device(device), resize_max
     )
-    m = m.cpu().numpy()
-    i0 = (m >= 0).nonzero()[0]
-    xy0, xy1 = k0.xy[i0], k1.xy[m[i0]]
-    _, inliers = verify(xy0, xy1, geometry.value)
     _say(
-        f"{a.name} ({len(k0)} keypoints) - {b.name} ({len(k1)} keypoints), "
-        f"{describer.name}: {len(i0)} matches, {int(inliers.sum())} inliers "
-        f"({geometry.value}), {time.perf_counter() - t0:.1f} s"
+        f"{a.name} ({len(res.keypoints0)} keypoints) - {b.name} ({len(res.keypoints1)} "
+        f"keypoints), {res.describer}: {len(res.matches)} matches, {int(res.inliers.sum())} "
+        f"inliers ({geometry.value}), {res.seconds:.1f} s"
     )
     if viz is not None:
-        write_image(viz, draw_matches(im0, im1, xy0, xy1, inliers))
+        res.draw(viz)
         _say(f"wrote {viz}")
 
 
