@@ -1150,6 +1150,11 @@ class CameraMode(str, Enum):
     per_image = "per-image"
 
 
+class ColmapVersion(str, Enum):
+    v3 = "3"
+    v4 = "4"
+
+
 def _is_features_file(spec: str) -> bool:
     p = Path(spec)
     return p.is_file() and p.suffix.lower() in (".h5", ".hdf5")
@@ -1279,13 +1284,23 @@ def export_colmap_cmd(
         ),
     ] = None,
     threads: Annotated[int, typer.Option("--threads", help="COLMAP threads (-1: all cores).")] = -1,
+    colmap_version: Annotated[
+        ColmapVersion,
+        typer.Option(
+            "--colmap-version",
+            help="Database layout: 3, COLMAP 3.x's (the colmap of Debian and Ubuntu; COLMAP "
+            ">= 3.12 and pycolmap read it too); 4, pycolmap 4's rigs and frames (COLMAP >= 3.12 "
+            "only).",
+        ),
+    ] = ColmapVersion.v3,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace an existing database.")
     ] = False,
 ) -> None:
     """Write cameras (SIMPLE_RADIAL), images, keypoints (+0.5 px), matches and two-view
-    geometries into a new COLMAP database (needs pycolmap: pip install 'descmatch\\[sfm]')."""
-    from .export.colmap import export_colmap, require_pycolmap
+    geometries into a new COLMAP database (needs pycolmap: pip install 'descmatch\\[sfm]'),
+    for `colmap mapper --database_path DATABASE --image_path IMAGES --output_path OUT`."""
+    from .export.colmap import LAYOUT_HINT, export_colmap, require_pycolmap
     from .images import list_images
     from .pairs import read_pairs
 
@@ -1306,13 +1321,14 @@ def export_colmap_cmd(
             pairs=pair_list,
             progress=cb,
             colmap_log=logging.getLogger().level <= logging.DEBUG,
+            colmap_version=colmap_version.value,
         )
     skipped = f"; {res.skipped_pairs} pairs outside the images skipped" if res.skipped_pairs else ""
     _say(
         f"{database}: {res.images} images, {res.cameras} camera(s), {res.pairs} pairs "
         f"({res.matches:,} matches), {res.verified_pairs} pairs with a two-view geometry "
         f"({res.inlier_matches:,} inliers{', not verified' if not verify else ''}) in "
-        f"{res.seconds:.1f} s{skipped}"
+        f"{res.seconds:.1f} s{skipped}; {LAYOUT_HINT[colmap_version.value]}"
     )
 
 

@@ -4,8 +4,12 @@ lengths, and its errors."""
 
 from __future__ import annotations
 
+import os
+import re
 import shutil
+import sqlite3
 import struct
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -19,12 +23,14 @@ from descmatch.describe import build_describer
 from descmatch.detect import SiftDetector
 from descmatch.errors import InputError, OutputError
 from descmatch.export.colmap import (
+    COLMAP_VERSIONS,
     FILM_DIAGONAL_MM,
     colmap_descriptors,
     exif_focal_35mm,
     export_colmap,
     focal_prior,
 )
+from descmatch.export.colmap3 import is_colmap3, pair_id
 from descmatch.extract import extract
 from descmatch.h5 import Reader, Writer, read_matches
 from descmatch.images import list_images
@@ -72,11 +78,21 @@ def _db(path: Path) -> dict:
         }
 
 
-def test_database_round_trip(scene: tuple[Path, Path, Path], tmp_path: Path) -> None:
+@pytest.mark.parametrize("version", COLMAP_VERSIONS)
+def test_database_round_trip(scene: tuple[Path, Path, Path], tmp_path: Path, version: str) -> None:
     imgs, feats, matches = scene
     db_path = tmp_path / "database.db"
-    res = export_colmap(feats, matches, list_images(imgs), db_path, descriptors=True, num_threads=1)
-    assert db_path.is_file() and not (tmp_path / "database.db.part").exists()
+    res = export_colmap(
+        feats,
+        matches,
+        list_images(imgs),
+        db_path,
+        descriptors=True,
+        num_threads=1,
+        colmap_version=version,
+    )
+    assert db_path.is_file() and sorted(p.name for p in tmp_path.iterdir()) == ["database.db"]
+    assert is_colmap3(db_path) == (version == "3")
     n_pairs = VIEWS * (VIEWS - 1) // 2
     assert (res.images, res.cameras, res.pairs) == (VIEWS, 1, n_pairs)
     assert res.verified_pairs == n_pairs and 0 < res.inlier_matches <= res.matches
@@ -87,7 +103,8 @@ def test_database_round_trip(scene: tuple[Path, Path, Path], tmp_path: Path) -> 
     assert cam.model_name == "SIMPLE_RADIAL" and (cam.width, cam.height) == (WIDTH, HEIGHT)
     np.testing.assert_allclose(cam.params, [1.2 * WIDTH, WIDTH / 2, HEIGHT / 2, 0.0])
     assert not cam.has_prior_focal_length
-    assert len(d["frames"]) == VIEWS and len(d["rigs"]) == 1
+    if version == "4":  # the 3.x layout has no rigs and frames: COLMAP makes trivial ones
+        assert len(d["frames"]) == VIEWS and len(d["rigs"]) == 1
     with Reader(feats, "features") as r:
         for name, im in d["images"].items():
             f = r.read(name)
@@ -109,6 +126,7 @@ def test_database_round_trip(scene: tuple[Path, Path, Path], tmp_path: Path) -> 
             # The other order: the same pair id, the columns swapped.
             np.testing.assert_array_equal(db.read_matches(ids[b], ids[a]), expect[:, ::-1])
             pid = pycolmap.image_pair_to_pair_id(ids[a], ids[b])
+            assert pid == pair_id(ids[a], ids[b]) == pair_id(ids[b], ids[a])
             assert pid == pycolmap.image_pair_to_pair_id(ids[b], ids[a]) and pid in pair_ids
             tvg = db.read_two_view_geometry(ids[a], ids[b])
             assert tvg.config in (
@@ -125,7 +143,13 @@ def test_no_verify_and_per_image_cameras(scene: tuple[Path, Path, Path], tmp_pat
     imgs, feats, matches = scene
     db_path = tmp_path / "nv.db"
     res = export_colmap(
-        feats, matches, list_images(imgs), db_path, camera_mode="per-image", verify=False
+        feats,
+        matches,
+        list_images(imgs),
+        db_path,
+        camera_mode="per-image",
+        verify=False,
+        colmap_version="4",
     )
     assert res.cameras == VIEWS and res.inlier_matches == res.matches
     d = _db(db_path)
@@ -287,3 +311,127 @@ def test_missing_pycolmap_is_one_line(
         lines = [ln for ln in err.splitlines() if ln.strip()]
         assert code == 1 and len(lines) == 1, err
         assert "pip install 'descmatch[sfm]'" in err
+
+
+# -- the COLMAP command line -----------------------------------------------------------------
+COLMAP = shutil.which("colmap")
+needs_colmap = pytest.mark.skipif(
+    COLMAP is None,
+    reason="the colmap program is not installed (Debian/Ubuntu: apt-get install colmap)",
+)
+
+
+def _colmap(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "QT_QPA_PLATFORM": "offscreen"}
+    return subprocess.run(
+        [str(COLMAP), *args], capture_output=True, text=True, env=env, timeout=300
+    )
+
+
+def _colmap_version() -> tuple[int, int]:
+    m = re.search(r"COLMAP (\d+)\.(\d+)", _colmap("help").stdout)
+    assert m, "colmap help names no version"
+    return int(m[1]), int(m[2])
+
+
+def test_colmap3_layout_on_disk(scene: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    """The 3.x database read with sqlite3 alone: COLMAP 3.8's tables and columns, keypoints
+    +0.5 as float32 blobs, matches as uint32 (N,2) under pair_id = id1 * 2147483647 + id2."""
+    imgs, feats, matches = scene
+    db_path = tmp_path / "c3.db"
+    export_colmap(feats, matches, list_images(imgs), db_path, descriptors=True, num_threads=1)
+    con = sqlite3.connect(db_path)
+    tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert tables - {"sqlite_sequence"} == {
+        "cameras",
+        "images",
+        "keypoints",
+        "descriptors",
+        "matches",
+        "two_view_geometries",
+    }
+    cols = {t: [r[1] for r in con.execute(f"PRAGMA table_info({t})")] for t in tables}
+    assert cols["images"][:4] == ["image_id", "name", "camera_id", "prior_qw"]
+    assert cols["descriptors"] == ["image_id", "rows", "cols", "data"]
+    ids = dict(con.execute("SELECT name, image_id FROM images"))
+    with Reader(feats, "features") as r:
+        for name, image_id in ids.items():
+            rows, ncols, blob = con.execute(
+                "SELECT rows, cols, data FROM keypoints WHERE image_id = ?", (image_id,)
+            ).fetchone()
+            kp = np.frombuffer(blob, np.float32).reshape(rows, ncols)[:, :2]
+            np.testing.assert_array_equal(kp, r.read(name)["keypoints"] + 0.5)
+    a, b = "v0.png", "v2.png"
+    rows, ncols, blob = con.execute(
+        "SELECT rows, cols, data FROM matches WHERE pair_id = ?",
+        (ids[a] * 2147483647 + ids[b],),
+    ).fetchone()
+    m0, _ = read_matches(matches, a, b)
+    expect = np.stack([np.nonzero(m0 >= 0)[0], m0[m0 >= 0]], 1)
+    np.testing.assert_array_equal(np.frombuffer(blob, np.uint32).reshape(rows, ncols), expect)
+    con.close()
+
+
+@needs_colmap
+def test_colmap_mapper_reads_the_export(
+    scene: tuple[Path, Path, Path], tmp_path: Path, call_main: Callable[..., tuple[int, str, str]]
+) -> None:
+    """The installed colmap program maps the exported database (default layout): every view
+    registered, points triangulated; pycolmap reads the same file afterwards."""
+    imgs, feats, matches = scene
+    db_path = tmp_path / "database.db"
+    code, out, err = call_main(
+        "export", "colmap", str(feats), str(matches), str(imgs), str(db_path), "--threads", "1"
+    )
+    assert code == 0, err
+    assert "COLMAP 3.x layout" in out
+    sparse = tmp_path / "sparse"
+    sparse.mkdir()
+    run = _colmap(
+        "mapper",
+        "--database_path",
+        str(db_path),
+        "--image_path",
+        str(imgs),
+        "--output_path",
+        str(sparse),
+        "--Mapper.num_threads",
+        "1",
+    )
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    rec = pycolmap.Reconstruction(str(sparse / "0"))
+    assert rec.num_reg_images() == VIEWS and rec.num_points3D() > 300
+    assert rec.compute_mean_reprojection_error() < 1.0
+    assert sorted(im.name for im in rec.images.values()) == [f"v{i}.png" for i in range(VIEWS)]
+    # pycolmap (descmatch sfm's mapper) reads the same database.
+    with pycolmap.Database.open(str(db_path)) as db:
+        assert db.num_images() == VIEWS and len(db.read_all_matches()[0]) == 6
+
+
+@needs_colmap
+def test_colmap_4_layout_and_an_old_colmap(
+    scene: tuple[Path, Path, Path], tmp_path: Path, call_main: Callable[..., tuple[int, str, str]]
+) -> None:
+    """--colmap-version 4 writes pycolmap's layout, and says what to do where an older
+    colmap stops on it; a colmap older than 3.12 does stop on it."""
+    imgs, feats, matches = scene
+    db_path = tmp_path / "database4.db"
+    args = ["export", "colmap", str(feats), str(matches), str(imgs), str(db_path)]
+    code, out, err = call_main(*args, "--colmap-version", "4", "--threads", "1")
+    assert code == 0, err
+    assert "--colmap-version 3" in out and not is_colmap3(db_path)
+    if _colmap_version() < (3, 12):
+        sparse = tmp_path / "sparse"
+        sparse.mkdir()
+        run = _colmap(
+            "mapper",
+            "--database_path",
+            str(db_path),
+            "--image_path",
+            str(imgs),
+            "--output_path",
+            str(sparse),
+        )
+        assert run.returncode != 0 and "SQL logic error" in run.stdout + run.stderr
+    code, out, err = call_main(*args, "--colmap-version", "2", "--overwrite")
+    assert code != 0 and "2" in err

@@ -12,6 +12,11 @@ What goes in:
 - the raw matches of every pair, and two-view geometries: from COLMAP's geometric
   verification (RANSAC on E / F / H, ``verify=True``), or the raw matches taken as inliers.
 
+Two database layouts (``colmap_version``): ``"3"`` (the default), the layout of COLMAP 3.x as
+Linux distributions ship it (Debian and Ubuntu: 3.8, 3.9), which COLMAP 3.12 and later and
+pycolmap 4 read too, adding their rig and frame tables when they open it; ``"4"``,
+pycolmap 4's own layout with rigs and frames, which COLMAP 3.11 and older cannot read.
+
 The database is built in ``DATABASE.part`` and renamed at the end, so a failed export never
 leaves a half-written database behind.
 """
@@ -34,6 +39,7 @@ import numpy as np
 from ..errors import InputError, MissingDependencyError, OutputError
 from ..h5 import Reader, pair_key
 from ..images import ImageList
+from .colmap3 import write_colmap3
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +47,15 @@ CAMERA_MODEL = "SIMPLE_RADIAL"
 FOCAL_PRIOR_FACTOR = 1.2  # COLMAP's default: focal = 1.2 * max(width, height)
 FILM_DIAGONAL_MM = float(np.hypot(36.0, 24.0))
 CAMERA_MODES = ("single", "per-image")
+#: Database layouts: COLMAP 3.x's (read by every COLMAP and pycolmap), pycolmap 4's.
+COLMAP_VERSIONS = ("3", "4")
+#: What to tell a user whose COLMAP stops on a database of the other layout.
+LAYOUT_HINT = {
+    "3": "COLMAP 3.x layout (colmap 3.x reads it; COLMAP >= 3.12 and pycolmap upgrade it "
+    "when they open it)",
+    "4": "COLMAP 4 layout with rigs and frames (COLMAP >= 3.12, pycolmap 4); a colmap 3.11 "
+    "or older stops on it with 'SQL logic error': export with --colmap-version 3",
+}
 
 
 @contextmanager
@@ -240,6 +255,7 @@ def export_colmap(
     pairs: list[tuple[str, str]] | None = None,
     progress: Callable[[int, int, str], None] | None = None,
     colmap_log: bool = False,
+    colmap_version: str = "3",
 ) -> ColmapExportResult:
     """Write the images of ``images`` with their keypoints (and descriptors), the matches of
     ``matches`` between them (all pairs of the file between these images, or ``pairs``),
@@ -247,8 +263,13 @@ def export_colmap(
 
     Raises OutputError for an existing database (unless ``overwrite``), InputError for images
     missing from the features file or matches that do not fit them. ``colmap_log``: let
-    COLMAP print its own messages.
+    COLMAP print its own messages. ``colmap_version``: the database layout, ``"3"`` (COLMAP
+    3.x's, which every COLMAP and pycolmap reads) or ``"4"`` (pycolmap 4's rigs and frames).
     """
+    if colmap_version not in COLMAP_VERSIONS:
+        raise InputError(
+            f"COLMAP version {colmap_version!r}: expected one of {', '.join(COLMAP_VERSIONS)}"
+        )
     pycolmap = require_pycolmap()
     with colmap_logging(pycolmap, colmap_log):
         return _export(
@@ -267,6 +288,7 @@ def export_colmap(
             seed,
             pairs,
             progress,
+            colmap_version,
         )
 
 
@@ -286,6 +308,7 @@ def _export(
     seed: int,
     pairs: list[tuple[str, str]] | None,
     progress: Callable[[int, int, str], None] | None,
+    colmap_version: str,
 ) -> ColmapExportResult:
     features, matches, database = Path(features), Path(matches), Path(database)
     t0 = time.perf_counter()
@@ -298,10 +321,61 @@ def _export(
     if not database.parent.is_dir():
         raise OutputError(f"{database}: folder {database.parent} does not exist")
     part = database.with_name(database.name + ".part")
-    for stale in (part, Path(str(part) + "-journal")):
-        stale.unlink(missing_ok=True)
+    # pycolmap writes its own layout; the 3.x database is copied from it at the end.
+    part4 = database.with_name(database.name + ".colmap4.part") if colmap_version == "3" else part
+    for p in {part, part4}:
+        for stale in (p, Path(str(p) + "-journal")):
+            stale.unlink(missing_ok=True)
+    try:
+        result = _write(
+            pycolmap,
+            features,
+            matches,
+            images,
+            part4,
+            camera_mode,
+            descriptors,
+            verify,
+            min_inliers,
+            max_error,
+            num_threads,
+            seed,
+            pairs,
+            progress,
+        )
+        if colmap_version == "3":
+            write_colmap3(part4, part)
+    except BaseException:
+        part.unlink(missing_ok=True)
+        raise
+    finally:
+        if part4 != part:
+            part4.unlink(missing_ok=True)
+    os.replace(part, database)
+    result.database = database
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def _write(
+    pycolmap: Any,
+    features: Path,
+    matches: Path,
+    images: ImageList,
+    part: Path,
+    camera_mode: str,
+    descriptors: bool,
+    verify: bool,
+    min_inliers: int,
+    max_error: float,
+    num_threads: int,
+    seed: int,
+    pairs: list[tuple[str, str]] | None,
+    progress: Callable[[int, int, str], None] | None,
+) -> ColmapExportResult:
+    """Everything into ``part`` in pycolmap's layout, then COLMAP's geometric verification."""
     names = list(images.names)
-    result = ColmapExportResult(database)
+    result = ColmapExportResult(part)
     with Reader(features, "features") as fr, Reader(matches, "matches") as mr:
         known = set(fr.keys)
         missing = [n for n in names if n not in known]
@@ -392,8 +466,6 @@ def _export(
         _, inliers = db.read_two_view_geometry_num_inliers()
         result.verified_pairs = sum(1 for v in inliers if v > 0)
         result.inlier_matches = int(sum(inliers))
-    os.replace(part, database)
-    result.seconds = time.perf_counter() - t0
     return result
 
 
