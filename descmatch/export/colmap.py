@@ -230,12 +230,12 @@ def _pairs_to_export(
     lookup = _pair_lookup(names, mr.path)
     for key in sorted(mr.keys):
         parts = key.split("/")
-        a = lookup.get(parts[0]) if len(parts) == 2 else None
-        b = lookup.get(parts[1]) if len(parts) == 2 else None
-        if a is None or b is None or a == b:
+        n0 = lookup.get(parts[0]) if len(parts) == 2 else None
+        n1 = lookup.get(parts[1]) if len(parts) == 2 else None
+        if n0 is None or n1 is None or n0 == n1:
             result.skipped_pairs += 1
         else:
-            todo.append((key, a, b))
+            todo.append((key, n0, n1))
     return todo
 
 
@@ -392,7 +392,10 @@ def _write(
                 "COLMAP stores 128-D uint8 descriptors: leave out --descriptors or "
                 "extract with a 128-D method (sosnet, hardnet, rootsift)"
             )
-        sizes = {n: tuple(int(v) for v in fr._f[n]["image_size"][()]) for n in names}
+        sizes: dict[str, tuple[int, int]] = {}
+        for n in names:
+            w, h = (int(v) for v in fr._f[n]["image_size"][()])
+            sizes[n] = (w, h)
         num_kpts = {n: int(fr._f[n]["keypoints"].shape[0]) for n in names}
         if camera_mode == "single" and len(set(sizes.values())) > 1:
             raise InputError(
@@ -430,14 +433,14 @@ def _write(
                             f"keypoints in {features} (made from other features?)"
                         )
                     i0 = np.nonzero(m0 >= 0)[0]
-                    pairs = np.stack([i0, m0[i0]], 1).astype(np.uint32)
-                    db.write_matches(ids[a], ids[b], pairs)
+                    kept = np.stack([i0, m0[i0]], 1).astype(np.uint32)
+                    db.write_matches(ids[a], ids[b], kept)
                     result.pairs += 1
-                    result.matches += len(pairs)
-                    if not verify and len(pairs):
+                    result.matches += len(kept)
+                    if not verify and len(kept):
                         tvg = pycolmap.TwoViewGeometry()
                         tvg.config = pycolmap.TwoViewGeometryConfiguration.UNCALIBRATED
-                        tvg.inlier_matches = pairs
+                        tvg.inlier_matches = kept
                         db.write_two_view_geometry(ids[a], ids[b], tvg)
                     if progress:
                         progress(len(names) + i + 1, total, key)
