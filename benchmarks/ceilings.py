@@ -24,8 +24,8 @@ under the true homography, summed over pairs 1-2 .. 1-6 and per pair:
   * the net on PCA-whitened and on learned-whitened descriptors (Radenovic et al.'s Lw,
     fitted on ``--whiten-pool`` training pairs) when ``--whiten-pool`` names pair pools.
 
-    python benchmarks/ceilings.py [--seq DIR] [--method sosnet] [--weights PATH]
-                                  [--oracle-frames] [--whiten-pool runs/X/pools/P ...]
+    python benchmarks/ceilings.py --seq DIR [--method sosnet] [--weights PATH]
+                                  [--oracle-frames] [--whiten-pool OUT/pools/P ...]
 """
 
 from __future__ import annotations
@@ -162,7 +162,7 @@ def whitenings(
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--seq", type=Path, default=Path("../shared/data/dev/hpatches/v_churchill"))
+    ap.add_argument("--seq", type=Path, required=True, help="HPatches-style sequence folder")
     ap.add_argument("--method", default="auto")
     ap.add_argument("--weights", default=None)
     ap.add_argument("--max-keypoints", type=int, default=4000)

@@ -1,6 +1,6 @@
 """Choose the patch window (mr_size) and the ratio-test default by measurement.
 
-Runs on an HPatches-style sequence (default ../shared/data/dev/hpatches/v_churchill):
+Runs on an HPatches-style sequence (``--seq``, e.g. hpatches/v_churchill):
   * mr_size: the same DoG keypoints, patches cut by descmatch.patches at each mr_size and
     described by a fixed hand-crafted patch descriptor (kornia's SIFTDescriptor on 32x32
     patches, RootSIFT-normalised), mutual nearest neighbours, no ratio test;
@@ -9,7 +9,7 @@ Runs on an HPatches-style sequence (default ../shared/data/dev/hpatches/v_church
 Prints tables: matches, correct matches at 3 px, and mean matching accuracy at 1/3/5 px,
 summed over pairs 1-2 .. 1-6.
 
-    python benchmarks/dev_eval.py [--seq DIR] [--max-keypoints 4000]
+    python benchmarks/dev_eval.py --seq DIR [--max-keypoints 4000]
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ HEAD = "| {} | matches | correct@3px | MMA@1 | MMA@3 | MMA@5 |\n|---|---|---|---
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--seq", type=Path, default=Path("../shared/data/dev/hpatches/v_churchill"))
+    ap.add_argument("--seq", type=Path, required=True, help="HPatches-style sequence folder")
     ap.add_argument("--max-keypoints", type=int, default=4000)
     args = ap.parse_args()
     det = SiftDetector(max_keypoints=args.max_keypoints)

@@ -1,7 +1,7 @@
 """How many truly overlapping image pairs does retrieval find, against exhaustive matching?
 
 On a scene with known cameras (``cameras.txt`` and ``images/``, e.g.
-../shared/data/dev/strecha/entry-P10 or ../shared/data/multiview/castle-P30):
+Strecha entry-P10 or castle-P30):
   * features: descmatch extract with RootSIFT (or --method) into --work (reused if there);
   * ground truth, computed once for every pair: a pair overlaps when it has at least
     --min-matches RootSIFT matches (mutual nearest neighbours, ratio 0.85) within
@@ -12,8 +12,8 @@ On a scene with known cameras (``cameras.txt`` and ``images/``, e.g.
 Prints a table: pairs proposed, overlapping pairs found, recall, precision, and the mean
 number of epipolar-consistent matches of the proposed pairs.
 
-    python benchmarks/retrieval_eval.py ../shared/data/dev/strecha/entry-P10 \
-        --max-keypoints 2000 [--k 1 2 3 5] [--work /tmp/retrieval-eval]
+    python benchmarks/retrieval_eval.py PATH/TO/strecha/entry-P10 \
+        --max-keypoints 2000 [--k 1 2 3 5] [--work DIR]
 """
 
 from __future__ import annotations
