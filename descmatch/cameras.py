@@ -1,5 +1,5 @@
-"""Pinhole cameras in the ``cameras.txt`` format of shared/data/multiview and dev/strecha:
-one line per image, ``name width height fx fy cx cy r11 r12 r13 r21 r22 r23 r31 r32 r33 tx ty
+"""Pinhole cameras in the ``cameras.txt`` format of Strecha-style multi-view scenes: one
+line per image, ``name width height fx fy cx cy r11 r12 r13 r21 r22 r23 r31 r32 r33 tx ty
 tz``, world to camera ``x_cam = R X + t``, pixel centres at integers; plus the epipolar
 geometry between two of them."""
 
