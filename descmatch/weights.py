@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -129,6 +130,24 @@ class WeightsInfo:
     path: Path
 
 
+_SOURCE = re.compile(r"(?P<kind>[\w-]+):(?P<path>[^\s;@()]+)")
+
+
+def data_label(data: str) -> str:
+    """A training record's data sources named by their data-set folders, not by the paths of
+    the machine that trained them: ``photos:../x/data/photos@2`` -> ``photos:photos@2``."""
+
+    def short(m: re.Match[str]) -> str:
+        parts = [q for q in m["path"].replace("\\", "/").split("/") if q not in ("", ".", "..")]
+        if "data" in parts:  # the shared data root: keep what follows it
+            parts = parts[len(parts) - parts[::-1].index("data") :]
+        else:
+            parts = parts[-1:]
+        return f"{m['kind']}:{'/'.join(parts) or m['path']}"
+
+    return _SOURCE.sub(short, data)
+
+
 def list_weights() -> list[WeightsInfo]:
     out = []
     for p in sorted(weights_dir().glob("*.pt")):
@@ -138,7 +157,7 @@ def list_weights() -> list[WeightsInfo]:
             WeightsInfo(
                 name=p.stem,
                 net=str(ckpt.get("method", "?")) if isinstance(ckpt, dict) else "?",
-                data=str(meta.get("data", "?")),
+                data=data_label(str(meta.get("data", "?"))),
                 sha256=sha256(p),
                 metric=str(meta.get("headline", "")),
                 path=p,

@@ -57,3 +57,14 @@ def test_shipped_weights_are_real_and_documented(path: Path) -> None:
     d = build_describer(info.net, weights=str(path), precision="fp32")(img, kps)
     assert d.shape == (len(kps), loaded.net.dim)
     np.testing.assert_allclose(np.linalg.norm(d, axis=1), 1.0, atol=1e-5)
+
+
+def test_listing_names_data_sets_not_machine_paths() -> None:
+    from descmatch.weights import data_label
+
+    for info in list_weights():
+        assert "../" not in info.data and "/work/" not in info.data, info.data
+    assert data_label("photos:../a/data/photos@2 (5 points); multiview:/x/data/mv/c1@0.5") == (
+        "photos:photos@2 (5 points); multiview:mv/c1@0.5"
+    )
+    assert data_label("photos:/home/me/pics") == "photos:pics"
