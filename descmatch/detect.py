@@ -68,8 +68,12 @@ class Detector(Protocol):
     """
 
     name: ClassVar[str]
-    max_keypoints: int
-    upright: bool
+
+    @property
+    def max_keypoints(self) -> int: ...
+
+    @property
+    def upright(self) -> bool: ...
 
     def settings(self) -> dict[str, Any]: ...
 
@@ -114,7 +118,7 @@ class SiftDetector(DoGSettings):
 
     def make_cv(self) -> Any:
         # precise upscale: without it OpenCV's keypoints sit 0.25 px down-right.
-        return cv2.SIFT_create(
+        return cv2.SIFT.create(
             nfeatures=0,
             nOctaveLayers=self.n_octave_layers,
             contrastThreshold=self.contrast_threshold,

@@ -116,7 +116,8 @@ class DoGDetector(DoGSettings):
             dog = g[1:] - g[:-1]  # (n+2,H,W)
             kp = self._extrema(dog)
             if kp is not None:
-                found.append(self._orient(g, *kp, octave))
+                li, yi, xi, off, resp = kp
+                found.append(self._orient(g, li, yi, xi, off, resp, octave))
             base = gauss[n][..., ::2, ::2]
             octave += 1
         if not found:
@@ -126,7 +127,9 @@ class DoGDetector(DoGSettings):
         return xy, size, angle, resp
 
     # -- extrema and refinement ----------------------------------------------------------
-    def _extrema(self, dog: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+    def _extrema(
+        self, dog: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
         n = self.n_octave_layers
         L, H, W = dog.shape
         thr = 0.5 * self.contrast_threshold / n * 255.0
