@@ -58,6 +58,7 @@ from descmatch.match import DEFAULT_RATIO, match_descriptors
 from descmatch.nets import NETS, DescriptorNet, build_net
 from descmatch.patches import DEFAULT_MR_SIZE, build_pyramid, extract_patches
 from descmatch.weights import load_net
+from descmatch.weights_import import descmatch_to_foreign
 
 SECTIONS = ("descriptors", "patches", "detect", "matching", "extract")
 PEAK_TAG = "@@peak"  # the line a child prints at exit for the parent to parse
@@ -224,15 +225,7 @@ def kornia_hardnet(ours: DescriptorNet) -> nn.Module:
     from kornia.feature import HardNet as KHardNet
 
     k = KHardNet(pretrained=False)
-    src, dst = ours.state_dict(), k.state_dict()
-    if len(src) != len(dst):
-        raise RuntimeError(f"HardNet state dicts differ: {len(src)} vs {len(dst)} tensors")
-    mapped = {}
-    for (ks, v), (kd, w) in zip(src.items(), dst.items(), strict=True):
-        if ks.rsplit(".", 1)[1] != kd.rsplit(".", 1)[1] or v.shape != w.shape:
-            raise RuntimeError(f"cannot map {ks} {tuple(v.shape)} to {kd} {tuple(w.shape)}")
-        mapped[kd] = v
-    k.load_state_dict(mapped, strict=True)
+    k.load_state_dict(descmatch_to_foreign(ours, k.state_dict()), strict=True)
     return k.eval()
 
 
