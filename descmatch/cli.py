@@ -789,7 +789,7 @@ def train_cmd(
     Rank 0 alone builds pools, validates, logs and writes; --resume is exact
     with the same number of processes."""
 
-    from .train.loop import TrainConfig, train
+    from .train.descriptors import TrainConfig, train
 
     if not data:
         raise DescmatchError("--data is required (e.g. --data photos:shared/data/photos)")
@@ -841,6 +841,7 @@ def train_cmd(
             covariant_weight=covariant_weight,
             teacher_size_pool=resolve_size_pool(teacher_size_pool),
             command="descmatch " + " ".join(sys.argv[1:]),
+            precision="fp32" if precision == "auto" else precision,
         )
         with _progress("train frames") as cb:
             path = train_frames(fcfg, progress=cb)

@@ -239,7 +239,7 @@ def test_train_frames_end_to_end_and_resume_exactly(
     ck = torch.load(whole / "frames.pt", weights_only=True)
     assert ck["method"] == "frames" and ck["meta"]["steps"] == 6
     assert "detector" in ck["meta"]["headline"]
-    log = json.loads((whole / "train_log.json").read_text())
+    log = json.loads((whole / "train_log.json").read_text())["rows"]
     assert [r["step"] for r in log] == [3, 6]
     for key in ("detector_off", "refined_off", "angle_loss", "scale_loss"):
         assert all(math.isfinite(r[key]) for r in log)
@@ -248,7 +248,7 @@ def test_train_frames_end_to_end_and_resume_exactly(
     # Interrupted after the first step (--time-limit 0), then resumed: the same weights.
     part = tmp_path / "part"
     assert call_main(*args, "--out", str(part), "--time-limit", "0")[0] == 0
-    assert torch.load(part / "checkpoint.pt", weights_only=False)["step"] == 1
+    assert torch.load(part / "checkpoint.pt", weights_only=True)["step"] == 1
     code, _, err = call_main(*args, "--out", str(part))
     assert code != 0 and "--resume" in err
     assert call_main(*args, "--out", str(part), "--resume")[0] == 0
@@ -471,7 +471,7 @@ def test_train_frames_through_a_descriptor(
     assert "mutual NN" in meta["headline"]
     net = load_net("frames", out / "frames.pt").net
     assert net.rotation and net.conf["max_scale"] == 2.0  # the init's conf, plus rotation
-    log = json.loads((out / "train_log.json").read_text())
+    log = json.loads((out / "train_log.json").read_text())["rows"]
     assert [r["step"] for r in log] == [2, 4]
     for key in ("descriptor_loss", "detector_mnn", "refined_mnn", "val_descriptor_loss"):
         assert all(math.isfinite(r[key]) for r in log)
@@ -499,7 +499,7 @@ def test_train_frames_through_a_descriptor(
     assert tuple(ck["meta"]["config"]["teacher_size_pool"]) == (0.7, 1.4)
     pool = np.load(next((cs / "pools").glob("*-train.npz")))
     assert pool["surround"].shape == pool["patches"].shape
-    log = json.loads((cs / "train_log.json").read_text())
+    log = json.loads((cs / "train_log.json").read_text())["rows"]
     assert all(math.isfinite(r["refined_mnn"]) for r in log)
     # Bad combinations: one line each, nothing written.
     for extra, msg in (

@@ -129,6 +129,6 @@ def test_two_processes_mine_hard_negatives(pool: Path, tmp_path: Path) -> None:
         "8",
     )
     ck = torch.load(out / "checkpoint.pt", weights_only=True)
-    assert ck["sampler_state"]["round"] == 1
-    assert ck["sampler_state"]["pools"][0]["descriptors"].shape == (96, 128)
+    assert ck["objective_state"]["round"] == 1
+    assert ck["objective_state"]["pools"][0]["descriptors"].shape == (96, 128)
     assert load_net("hardnet", out / "hardnet.pt").meta["sampler"] == "hard-negative"

@@ -16,13 +16,13 @@ from descmatch.errors import InputError
 from descmatch.evaluate import read_homography
 from descmatch.examples import make_views
 from descmatch.images import read_image
+from descmatch.train.descriptors import DataSpec, TrainConfig, train
 from descmatch.train.hpatches import (
     build_hpatches_pool_for,
     detect,
     find_sequences,
     homography_pairs,
 )
-from descmatch.train.loop import DataSpec, TrainConfig, train
 from descmatch.train.photos import PhotoPairConfig, map_keypoints
 from descmatch.train.pool import PairPool
 from descmatch.weights import load_net

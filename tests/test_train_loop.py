@@ -15,9 +15,9 @@ from fixtures_brown import make_brown_fixture
 from descmatch.errors import ConfigError, OutputError, WeightsError
 from descmatch.examples import render_scene
 from descmatch.nets import NETS
-from descmatch.train.loop import DataSpec, TrainConfig, augment_pairs, read_log, train
+from descmatch.train.descriptors import DataSpec, TrainConfig, augment_pairs, read_log, train
 from descmatch.train.losses import LOSSES
-from descmatch.train.pool import build_pool
+from descmatch.train.poolbuild import build_pool
 from descmatch.weights import load_net
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny work: one thread is as fast

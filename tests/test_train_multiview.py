@@ -13,7 +13,7 @@ import pytest
 from fixtures_sfm import Rig, look_at
 
 from descmatch.errors import InputError, OutputError
-from descmatch.train.loop import DataSpec, TrainConfig, train
+from descmatch.train.descriptors import DataSpec, TrainConfig, train
 from descmatch.train.multiview import (
     Camera,
     MultiviewPairPool,
@@ -29,7 +29,8 @@ from descmatch.train.multiview import (
     triangulate,
     view_pairs,
 )
-from descmatch.train.pool import PairPool, SameImageSampler, is_pool
+from descmatch.train.pool import PairPool, is_pool
+from descmatch.train.samplers import SameImageSampler
 
 #: The multi-view training scenes: two walls, 320x240, an off-centre principal point.
 RIG = Rig(

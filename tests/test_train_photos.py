@@ -14,6 +14,7 @@ from fixtures_brown import make_brown_fixture
 
 from descmatch.errors import ConfigError, OutputError
 from descmatch.examples import render_scene
+from descmatch.train.batches import MixedBatches
 from descmatch.train.brown import BrownDataset
 from descmatch.train.photos import (
     PhotoPairConfig,
@@ -25,14 +26,9 @@ from descmatch.train.photos import (
     photometric,
     random_homography,
 )
-from descmatch.train.pool import (
-    MixedBatches,
-    PairPool,
-    SameImageSampler,
-    build_photo_pool_for,
-    build_pool,
-    is_pool,
-)
+from descmatch.train.pool import PairPool, is_pool
+from descmatch.train.poolbuild import build_photo_pool_for, build_pool
+from descmatch.train.samplers import SameImageSampler
 
 
 def _standardized(p: np.ndarray) -> np.ndarray:

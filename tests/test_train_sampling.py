@@ -12,8 +12,10 @@ import pytest
 import torch
 
 from descmatch.errors import ConfigError
-from descmatch.train.loop import TrainConfig, read_log, train
-from descmatch.train.pool import MixedBatches, PairPool, SameImageSampler
+from descmatch.train.batches import MixedBatches
+from descmatch.train.descriptors import TrainConfig, read_log, train
+from descmatch.train.pool import PairPool
+from descmatch.train.samplers import SameImageSampler
 from descmatch.weights import load_net
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny work: one thread is as fast
@@ -244,10 +246,10 @@ def test_sampler_runs_and_resumes_exactly(pool_dir: Path, tmp_path: Path, sample
     ck = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
     assert ck["step"] == 3
     if sampler == "hard-negative":
-        assert ck["sampler_state"]["round"] == 1
-        assert ck["sampler_state"]["pools"][0]["descriptors"].shape == (64, 128)
+        assert ck["objective_state"]["round"] == 1
+        assert ck["objective_state"]["pools"][0]["descriptors"].shape == (64, 128)
     else:
-        assert ck["sampler_state"] is None
+        assert ck["objective_state"] is None
     c = cfg(tmp_path / "b")
     c.resume = True
     resumed: list[str] = []

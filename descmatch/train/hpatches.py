@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..atomic import atomic_write_text
 from ..detect import Keypoints, SiftDetector
 from ..errors import ConfigError, ImageReadError, InputError
 from ..evaluate import _sequence_images, read_homography
@@ -52,17 +53,8 @@ from .photos import (
     apply_homography,
     map_keypoints,
 )
-from .pool import (
-    META_FILE,
-    POOL_FORMAT,
-    POOL_VERSION,
-    _atomic_write_text,
-    assemble_parts,
-    part_done,
-    read_parts,
-    start_pool_build,
-    write_part,
-)
+from .pool import META_FILE, POOL_FORMAT, POOL_VERSION
+from .poolbuild import assemble_parts, part_done, read_parts, start_pool_build, write_part
 
 log = logging.getLogger(__name__)
 
@@ -337,7 +329,7 @@ def build_hpatches_pool(
         "seconds": round(seconds, 3),
         "pairs_per_s": round(made / seconds, 1) if seconds > 0 and made else None,
     }
-    _atomic_write_text(out / META_FILE, json.dumps(meta, indent=1))
+    atomic_write_text(out / META_FILE, json.dumps(meta, indent=1))
     shutil.rmtree(parts, ignore_errors=True)
     return out
 

@@ -21,6 +21,9 @@ import numpy as np
 class _PairSampler:
     """Index of the patches of each point, and the drawing of a pair per point."""
 
+    #: Whether the sampler needs descriptors first (see :mod:`.samplers`).
+    mines = False
+
     def __init__(self, point_ids: np.ndarray, batch_size: int, num_batches: int, seed: int) -> None:
         ids = np.asarray(point_ids)
         if ids.ndim != 1:

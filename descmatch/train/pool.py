@@ -1,4 +1,4 @@
-"""Pools of matching patch pairs for training, and the composition of their batches.
+"""Pools of matching patch pairs: storage and serving.
 
 A pool is a folder:
 
@@ -6,92 +6,33 @@ A pool is a folder:
 * ``meta.json``: format, patch size, ``mr_size``, window factor, the generation settings, the
   images and ``offsets`` (G+1,): the pairs of image g are rows ``offsets[g]:offsets[g+1]``.
 
-:func:`build_pool` makes one from folders of photos (see :mod:`.photos`), resumably: images are
-done in chunks, each chunk written to ``parts/`` atomically (temporary name + rename), and
-finished chunks are skipped when the build runs again; the final ``pairs.npy`` and ``meta.json``
-are also written under temporary names and renamed. Each image draws from its own random
-stream ``default_rng([seed, image index])``, so the pool does not depend on chunking, workers
-or interruptions.
-
-:class:`PairPool` serves batches from a pool; :class:`BrownPairPool` serves the Brown/PhotoTour
-patches through the same interface (a point's two patches are drawn at random among its
-patches). :class:`SameImageSampler` composes batches from a few images (groups) so that the
-in-batch negatives are hard; :class:`MixedBatches` mixes several pools with weights (one pool
-per batch, so a batch never mixes easy cross-source negatives in) and composes each pool's
-batches with one of :data:`SAMPLERS`: ``same-image`` (the default, :class:`SameImageSampler`),
-``random`` (HardNet's: distinct points uniformly over the pool,
-:class:`~descmatch.train.samplers.HardNetSampler`), ``progressive`` (L2-Net's:
-:class:`~descmatch.train.samplers.ProgressiveSampler`) or ``hard-negative`` (points close in
-descriptor space, :class:`MinedSampler` over
-:class:`~descmatch.train.samplers.HardNegativeSampler`, mined again every ``mine_every``
-steps with the current net on a bounded random subset of the pool).
+:mod:`.poolbuild` makes them from photos; :mod:`.multiview` and :mod:`.hpatches` from
+multi-view scenes and HPatches sequences. :class:`PairPool` serves a pool's pairs as uint8
+batches (points and groups: a group is the points of one photo, hard negatives for each
+other); :class:`BrownPairPool` serves the Brown/PhotoTour patches through the same interface
+(a point's two patches are drawn at random among its patches). How the points of a batch are
+chosen is the samplers' job (:mod:`.samplers`, :mod:`.batches`). Pools are read with
+``numpy.load`` without pickles: a file holding Python objects is refused with one line.
 """
 
 from __future__ import annotations
 
 import json
-import logging
-import os
-import shutil
-import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..errors import ConfigError, ImageReadError, InputError, OutputError
-from ..images import list_images
-from ..patches import DEFAULT_MR_SIZE
-from .photos import PhotoPairConfig, load_photo, photo_pairs
-from .samplers import HardNegativeSampler, HardNetSampler, ProgressiveSampler
-
-log = logging.getLogger(__name__)
+from ..errors import ConfigError, InputError
 
 POOL_FORMAT = "descmatch-pairpool"
 POOL_VERSION = 1
 PAIRS_FILE = "pairs.npy"
 META_FILE = "meta.json"
 PARTS_DIR = "parts"
-#: How the points of a batch are chosen within its pool (see :class:`MixedBatches`).
-SAMPLERS = ("same-image", "random", "progressive", "hard-negative")
-
-Progress = Callable[[int, int, str], None]
-
-
-# --------------------------------------------------------------------------------------------
-# Building
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _atomic_save_npy(path: Path, arr: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp.npy")
-    np.save(tmp, arr)
-    os.replace(tmp, path)
-
-
-def part_done(parts: Path, chunk: int) -> bool:
-    """Whether part ``chunk`` of a pool build is complete (its info file is written last)."""
-    return (parts / f"part_{chunk:05d}.json").is_file()
-
-
-def write_part(parts: Path, chunk: int, data: np.ndarray, info: dict[str, Any]) -> None:
-    """One finished chunk of a pool build: its pairs, then its info (crash-safe: a part
-    counts as done only once both are in place)."""
-    _atomic_save_npy(parts / f"part_{chunk:05d}.npy", data)
-    _atomic_write_text(parts / f"part_{chunk:05d}.json", json.dumps(info))
-
-
-def read_parts(parts: Path, num_parts: int) -> list[dict[str, Any]]:
-    """The info of parts 0 .. ``num_parts`` - 1, in order."""
-    return [json.loads((parts / f"part_{c:05d}.json").read_text()) for c in range(num_parts)]
+VIEWS_FILE = "views.npy"
+VIEW_OFFSETS_FILE = "view_offsets.npy"
+TRACKS_FILE = "tracks.npz"
 
 
 def is_pool(path: str | Path) -> bool:
@@ -100,278 +41,28 @@ def is_pool(path: str | Path) -> bool:
     return (p / META_FILE).is_file() and (p / PAIRS_FILE).is_file()
 
 
-def frames_settings(frames: str | None) -> dict[str, Any]:
-    """The pool-settings entry of a frame refiner (``--frames``): its sha256; nothing without
-    one, so pools made without a refiner keep their names and settings."""
-    if frames is None:
-        return {}
-    from ..weights import resolve, sha256
-
-    return {"frames_sha256": sha256(resolve("frames", frames))}
-
-
-def _frames_net(frames: str | None) -> tuple[Any, float]:
-    """The refiner net of a weights file (or None) and the patch window it was trained on."""
-    if frames is None:
-        return None, DEFAULT_MR_SIZE
-    from ..weights import load_net
-
-    loaded = load_net("frames", frames)
-    return loaded.net, float(loaded.meta.get("mr_size", DEFAULT_MR_SIZE))
+def read_meta(path: Path) -> dict[str, Any]:
+    """A pool's ``meta.json`` (one-line InputError when it is not a JSON object)."""
+    try:
+        meta = json.loads((path / META_FILE).read_text())
+    except (OSError, ValueError) as e:
+        raise InputError(f"{path / META_FILE}: unreadable ({e})") from None
+    if not isinstance(meta, dict):
+        raise InputError(f"{path / META_FILE}: not a pool description")
+    return meta
 
 
-@dataclass(frozen=True)
-class _Job:
-    chunk: int
-    paths: tuple[str, ...]
-    indices: tuple[int, ...]
-    parts: str
-    pairs_per_image: int
-    patch_size: int
-    mr_size: float
-    window_factor: float
-    seed: int
-    conf: PhotoPairConfig
-    threads: int
-    frames: str | None = None
-
-
-def _run_job(job: _Job) -> tuple[int, list[int], list[str], list[str]]:
-    """Make the pairs of one chunk of images and write them as ``parts/part_NNNNN``.
-
-    Returns the chunk, pairs per image, pairing mode per image ("" when skipped) and errors.
-    """
-    if job.threads > 0:
-        import cv2
-        import torch
-
-        torch.set_num_threads(job.threads)
-        cv2.setNumThreads(job.threads)
-    arrays, counts, modes, errors = [], [], [], []
-    frames, frames_mr = _frames_net(job.frames)
-    for path, index in zip(job.paths, job.indices, strict=True):
-        try:
-            image = load_photo(path, job.conf.max_side)
-        except ImageReadError as e:
-            log.warning("skipped: %s", e)
-            counts.append(0)
-            modes.append("")
-            errors.append(str(e))
-            continue
-        rng = np.random.default_rng([job.seed, index])
-        res = photo_pairs(
-            image,
-            rng,
-            job.conf,
-            job.patch_size,
-            job.mr_size,
-            job.window_factor,
-            job.pairs_per_image,
-            frames=frames,
-            frames_mr_size=frames_mr,
-        )
-        arrays.append(res.patches)
-        counts.append(len(res))
-        modes.append(res.mode)
-    p = job.patch_size
-    data = np.concatenate(arrays) if arrays else np.zeros((0, 2, p, p), np.uint8)
-    write_part(
-        Path(job.parts), job.chunk, data, {"counts": counts, "modes": modes, "errors": errors}
-    )
-    return job.chunk, counts, modes, errors
-
-
-def _select_images(
-    photo_dirs: Sequence[str | Path], max_images: int | None, seed: int
-) -> list[tuple[str, str]]:
-    """(path, name) of every image of the folders, in order; ``max_images`` keeps an evenly
-    random subset (seeded), still in folder order."""
-    items: list[tuple[str, str]] = []
-    for d in photo_dirs:
-        lst = list_images(d)
-        items += [(str(lst.path(n)), f"{Path(d).name}/{n}") for n in lst.names]
-    if max_images is not None and 0 < max_images < len(items):
-        pick = np.sort(
-            np.random.default_rng([seed, 7]).choice(len(items), max_images, replace=False)
-        )
-        items = [items[i] for i in pick]
-    return items
-
-
-def start_pool_build(out: Path, settings: dict[str, Any]) -> tuple[dict[str, Any], Path | None]:
-    """Check a pool folder against the settings of a build about to start.
-
-    Returns the settings as they read back from JSON, and the parts folder to build into, or
-    None when a finished pool with these settings is already there. A finished or unfinished
-    pool with other settings is an OutputError.
-    """
-    settings = json.loads(json.dumps(settings))  # tuples -> lists, as they read back
-    if is_pool(out):
-        meta = json.loads((out / META_FILE).read_text())
-        if {k: meta.get(k) for k in settings} != settings:
-            raise OutputError(
-                f"{out}: a pool with other settings is already there; remove it "
-                "or choose another folder"
-            )
-        return settings, None
-    parts = out / PARTS_DIR
-    parts.mkdir(parents=True, exist_ok=True)
-    settings_file = parts / "settings.json"
-    if settings_file.is_file():
-        if json.loads(settings_file.read_text()) != settings:
-            raise OutputError(
-                f"{out}: holds an unfinished pool with other settings; remove it "
-                "or choose another folder"
-            )
-    else:
-        _atomic_write_text(settings_file, json.dumps(settings, indent=1))
-    return settings, parts
-
-
-def build_pool(
-    photo_dirs: Sequence[str | Path],
-    out: str | Path,
-    pairs_per_image: int = 512,
-    patch_size: int = 32,
-    mr_size: float = DEFAULT_MR_SIZE,
-    seed: int = 0,
-    workers: int = 1,
-    progress: Progress | None = None,
-    *,
-    window_factor: float = 1.0,
-    conf: PhotoPairConfig | None = None,
-    max_images: int | None = None,
-    chunk_images: int = 16,
-    frames: str | None = None,
-) -> Path:
-    """Pre-generate self-supervised pairs from the photos of ``photo_dirs`` into the pool folder
-    ``out`` and return it.
-
-    ``pairs_per_image`` caps the pairs of one photo (many per photo: batches then take many
-    points of one photo, see :class:`SameImageSampler`). ``patch_size``, ``mr_size`` and
-    ``window_factor`` are those of the net to train (64 and 2 for L2-Net-CS; a 64/2 pool also
-    serves the 32-px nets, which take its centre). ``workers`` > 1 makes chunks of
-    ``chunk_images`` images in parallel processes. Resumable: run again after an interruption
-    and only the missing chunks are made; a finished pool with the same settings is returned
-    as it is, one with other settings is an error. ``frames``: cut the patches in the refined
-    frames of this frame refiner (weights file or shipped name).
-    """
-    out = Path(out)
-    conf = conf or PhotoPairConfig()
-    if pairs_per_image < 1 or patch_size < 8 or chunk_images < 1 or workers < 1:
-        raise ConfigError(
-            "build_pool: pairs_per_image, chunk_images, workers must be >= 1 and patch_size >= 8"
-        )
-    items = _select_images(photo_dirs, max_images, seed)
-    settings = {
-        "format": POOL_FORMAT,
-        "version": POOL_VERSION,
-        "kind": "photos",
-        "sources": [str(Path(d).resolve()) for d in photo_dirs],
-        "num_images": len(items),
-        "max_images": max_images,
-        "pairs_per_image": pairs_per_image,
-        "patch_size": patch_size,
-        "mr_size": mr_size,
-        "window_factor": window_factor,
-        "seed": seed,
-        "photo_conf": conf.settings(),
-        "chunk_images": chunk_images,
-        **frames_settings(frames),
-    }
-    settings, parts = start_pool_build(out, settings)
-    if parts is None:
-        return out
-
-    t0 = time.perf_counter()
-    chunks = [
-        list(range(s, min(s + chunk_images, len(items))))
-        for s in range(0, len(items), chunk_images)
-    ]
-    done = {c for c in range(len(chunks)) if part_done(parts, c)}
-    threads = 1 if workers > 1 else 0
-    jobs = [
-        _Job(
-            c,
-            tuple(items[i][0] for i in idx),
-            tuple(idx),
-            str(parts),
-            pairs_per_image,
-            patch_size,
-            mr_size,
-            window_factor,
-            seed,
-            conf,
-            threads,
-            frames,
-        )
-        for c, idx in enumerate(chunks)
-        if c not in done
-    ]
-    finished = len(done)
-    made = 0
-    if workers == 1:
-        for job in jobs:
-            _, counts, _, _ = _run_job(job)
-            finished += 1
-            made += sum(counts)
-            if progress:
-                progress(finished, len(chunks), f"{sum(counts)} pairs")
-    elif jobs:
-        import multiprocessing as mp
-
-        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as ex:
-            for _, counts, _, _ in ex.map(_run_job, jobs):
-                finished += 1
-                made += sum(counts)
-                if progress:
-                    progress(finished, len(chunks), f"{sum(counts)} pairs")
-    gen_seconds = time.perf_counter() - t0
-
-    # Assemble: parts in order into one memory-mappable array.
-    infos = read_parts(parts, len(chunks))
-    counts_all: list[int] = [n for info in infos for n in info["counts"]]
-    modes_all: list[str] = [m for info in infos for m in info["modes"]]
-    errors_all: list[str] = [e for info in infos for e in info["errors"]]
-    total = int(sum(counts_all))
-    if total == 0:
-        raise InputError(f"{', '.join(map(str, photo_dirs))}: no pairs could be made")
-    assemble_parts(parts, len(chunks), out, total, patch_size)
-    offsets = np.concatenate([[0], np.cumsum(counts_all)]).astype(int).tolist()
-    meta = {
-        **settings,
-        "images": [name for _, name in items],
-        "offsets": offsets,
-        "num_pairs": total,
-        "modes": {m: modes_all.count(m) for m in ("detected", "mapped")},
-        "skipped": errors_all,
-        "seconds": round(gen_seconds, 3),
-        "pairs_per_s": round(made / gen_seconds, 1) if gen_seconds > 0 and made else None,
-    }
-    _atomic_write_text(out / META_FILE, json.dumps(meta, indent=1))
-    shutil.rmtree(parts, ignore_errors=True)
-    return out
-
-
-def assemble_parts(parts: Path, num_parts: int, out: Path, total: int, patch_size: int) -> None:
-    """Concatenate ``parts/part_00000.npy`` .. (``num_parts`` of them, ``total`` pairs in all)
-    into ``out/pairs.npy``, written under a temporary name and renamed."""
-    tmp = out / (PAIRS_FILE + ".tmp.npy")
-    arr = np.lib.format.open_memmap(
-        tmp, mode="w+", dtype=np.uint8, shape=(total, 2, patch_size, patch_size)
-    )
-    pos = 0
-    for c in range(num_parts):
-        part = np.load(parts / f"part_{c:05d}.npy", mmap_mode="r")
-        arr[pos : pos + len(part)] = part
-        pos += len(part)
-    arr.flush()
-    del arr
-    os.replace(tmp, out / PAIRS_FILE)
-
-
-# --------------------------------------------------------------------------------------------
-# Serving
+def load_array(path: Path, mmap: bool = True) -> np.ndarray:
+    """A ``.npy`` array of a pool, memory-mapped; never unpickled (one-line InputError for a
+    file holding Python objects, or one that is not a ``.npy`` array)."""
+    try:
+        arr = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise InputError(f"{path}: not a pool array ({first})") from None
+    if not isinstance(arr, np.ndarray) or arr.dtype.hasobject:
+        raise InputError(f"{path}: not a pool array")
+    return arr
 
 
 class PairPool:
@@ -427,14 +118,14 @@ class PairPool:
         path = Path(path)
         if not is_pool(path):
             raise InputError(f"{path}: not a pair pool (no {META_FILE} and {PAIRS_FILE})")
-        meta = json.loads((path / META_FILE).read_text())
+        meta = read_meta(path)
         if meta.get("format") != POOL_FORMAT or meta.get("version") != POOL_VERSION:
             raise InputError(
                 f"{path}: pool format {meta.get('format')} v{meta.get('version')}"
                 f" is not {POOL_FORMAT} v{POOL_VERSION}"
             )
-        pairs = np.load(path / PAIRS_FILE, mmap_mode="r")
-        if len(pairs) != meta["num_pairs"]:
+        pairs = load_array(path / PAIRS_FILE)
+        if pairs.dtype != np.uint8 or len(pairs) != meta.get("num_pairs"):
             raise InputError(
                 f"{path}: {PAIRS_FILE} holds {len(pairs)} pairs, meta says {meta['num_pairs']}"
             )
@@ -639,348 +330,84 @@ class BrownPairPool(PairPool):
         return out
 
 
-# --------------------------------------------------------------------------------------------
-# Batches
+class MultiviewPairPool(PairPool):
+    """A multi-view pool served with a fresh view per gather: point k's pair is its anchor
+    patch and one of its other views drawn at random (uniformly), so every batch sees new view
+    combinations. Groups are the anchor images (hard negatives, as for photo pools).
 
-
-class SameImageSampler:
-    """Points of a batch from few groups: ``images_per_batch`` groups, drawn with probability
-    proportional to their size (so every point is about equally likely), give
-    ``batch_size / images_per_batch`` points each; groups too small to give their share give
-    all their points and further groups fill the batch. ``images_per_batch=0``, or a pool
-    without groups, draws the points uniformly from the whole pool.
-
-    Stateless: ``points(rng)`` only draws from ``rng``. Shape: -> (batch_size,) point indices,
-    all distinct.
+    Shape: ``gather(points, rng)`` (B,) -> (B,2,P,P) uint8.
     """
+
+    kind = "multiview"
 
     def __init__(
         self,
+        views: np.ndarray,
+        view_offsets: np.ndarray,
         group_offsets: np.ndarray | None,
-        num_points: int,
-        batch_size: int,
-        images_per_batch: int = 4,
+        meta: dict[str, Any] | None = None,
+        name: str = "multiview",
+        point_rows: np.ndarray | None = None,
+        pairs: np.ndarray | None = None,
     ) -> None:
-        if not 2 <= batch_size <= num_points:
-            raise ConfigError(
-                f"batch size {batch_size} must be within 2..{num_points} (the "
-                "number of training points)"
-            )
-        self.offsets = None if group_offsets is None else np.asarray(group_offsets, np.int64)
-        self.num_points = int(num_points)
-        self.batch_size = int(batch_size)
-        self.images_per_batch = int(images_per_batch)
-        if self.offsets is not None:
-            self.sizes = np.diff(self.offsets)
-            self.prob = self.sizes / self.sizes.sum()
+        if views.ndim != 3 or views.shape[1] != views.shape[2]:
+            raise ValueError(f"views must be (M,P,P), got {views.shape}")
+        self.views = views
+        self.view_offsets = np.asarray(view_offsets, np.int64)
+        if (np.diff(self.view_offsets) < 2).any() or self.view_offsets[-1] != len(views):
+            raise ValueError("view offsets must give every point >= 2 views and cover them")
+        p = views.shape[-1]
+        self.pairs = pairs if pairs is not None else np.zeros((0, 2, p, p), np.uint8)
+        self._init_points(len(self.view_offsets) - 1, group_offsets, meta, name, point_rows)
 
-    def points(self, rng: np.random.Generator) -> np.ndarray:
-        b = self.batch_size
-        if self.offsets is None or self.images_per_batch <= 0 or len(self.sizes) < 2:
-            return rng.choice(self.num_points, b, replace=False)
-        share = -(-b // self.images_per_batch)
-        # Groups in a random order weighted by size, without replacement (exponential keys,
-        # Efraimidis-Spirakis): O(G log G) where numpy's weighted choice is O(G^2).
-        with np.errstate(divide="ignore"):
-            keys = rng.exponential(size=len(self.sizes)) / self.prob
-        order = np.argsort(keys, kind="stable")[: int((self.sizes > 0).sum())]
-        out: list[np.ndarray] = []
-        need = b
-        for g in order:
-            take = min(share, int(self.sizes[g]), need)
-            out.append(self.offsets[g] + rng.choice(int(self.sizes[g]), take, replace=False))
-            need -= take
-            if need == 0:
-                break
-        return np.concatenate(out)
-
-    def batch_points(self, rng: np.random.Generator, step: int) -> np.ndarray:
-        """The points of batch ``step``: :meth:`points` (stateless; the step is not used)."""
-        return self.points(rng)
-
-
-def _point_ids(num_points: int) -> np.ndarray:
-    """Patch -> point ids of a pool for :mod:`.samplers`: point k's pair is patches 2k, 2k+1,
-    so the samplers' point k is the pool's point k. Shape: -> (2*num_points,) int64."""
-    return np.repeat(np.arange(num_points, dtype=np.int64), 2)
-
-
-def _sub_seed(*key: int) -> int:
-    return int(np.random.SeedSequence([int(k) for k in key]).generate_state(1)[0])
-
-
-class MinedSampler:
-    """Hard-negative batches of one pool: a :class:`~descmatch.train.samplers.HardNegativeSampler`
-    over a random subset of at most ``mine_points`` points (at least ``batch_size``) whose
-    descriptors were computed with the current net (:meth:`MixedBatches.mine`); batches are
-    groups of ``group_size`` points close in descriptor space (a random seed point and its
-    nearest neighbours). A point is described by its first patch; the descriptors are kept as
-    float16, as a checkpoint stores them, so a resumed run mines exactly the same batches.
-
-    Shape: ``batch_points(rng, step)`` -> (batch_size,) pool point indices.
-    """
-
-    def __init__(
-        self, num_points: int, batch_size: int, mine_points: int, group_size: int | None, seed: int
-    ) -> None:
-        if not 2 <= batch_size <= num_points:
-            raise ConfigError(
-                f"batch size {batch_size} must be within 2..{num_points} (the "
-                "number of training points)"
-            )
-        self.num_points, self.batch_size = int(num_points), int(batch_size)
-        self.subset_size = min(self.num_points, max(int(mine_points), self.batch_size))
-        self.group_size = None if group_size is None else max(1, int(group_size))
-        self.seed = int(seed)
-        self.subset: np.ndarray | None = None
-        self.descriptors: np.ndarray | None = None
-        self._sampler: HardNegativeSampler | None = None
-
-    def draw_subset(self, rng: np.random.Generator) -> np.ndarray:
-        """Points to mine among. Shape: -> (subset_size,) int64, sorted."""
-        if self.subset_size == self.num_points:
-            return np.arange(self.num_points, dtype=np.int64)
-        return np.sort(rng.choice(self.num_points, self.subset_size, replace=False))
-
-    def set_descriptors(self, subset: np.ndarray, descriptors: np.ndarray) -> None:
-        """Mine among ``subset`` with these descriptors (one row per point, rounded to float16).
-        Shape: subset (S,), descriptors (S,D)."""
-        subset = np.asarray(subset, np.int64)
-        desc = np.asarray(descriptors).astype(np.float16)
-        if desc.ndim != 2 or len(desc) != len(subset):
-            raise ValueError(f"descriptors must be ({len(subset)}, D), got {desc.shape}")
-        self.subset, self.descriptors = subset, desc
-        self._sampler = HardNegativeSampler(
-            _point_ids(len(subset)),
-            np.repeat(desc.astype(np.float32), 2, axis=0),
-            self.batch_size,
-            0,
-            group_size=self.group_size,
-            seed=self.seed,
+    @classmethod
+    def load(cls, path: str | Path) -> MultiviewPairPool:
+        """Open a multi-view pool folder (memory-mapped, read-only)."""
+        path = Path(path)
+        if not is_pool(path):
+            raise InputError(f"{path}: not a pair pool (no {META_FILE} and {PAIRS_FILE})")
+        meta = read_meta(path)
+        if (
+            meta.get("format") != POOL_FORMAT
+            or meta.get("version") != POOL_VERSION
+            or meta.get("kind") != "multiview"
+        ):
+            raise InputError(f"{path}: not a {POOL_FORMAT} v{POOL_VERSION} multi-view pool")
+        for f in (VIEWS_FILE, VIEW_OFFSETS_FILE):
+            if not (path / f).is_file():
+                raise InputError(f"{path}: the multi-view pool has no {f}")
+        views = load_array(path / VIEWS_FILE)
+        offsets = np.asarray(load_array(path / VIEW_OFFSETS_FILE, mmap=False), np.int64)
+        if len(offsets) - 1 != meta["num_pairs"] or len(views) != meta.get("num_views"):
+            raise InputError(f"{path}: {VIEWS_FILE}/{VIEW_OFFSETS_FILE} do not fit meta.json")
+        pairs = load_array(path / PAIRS_FILE)
+        return cls(
+            views, offsets, np.asarray(meta["offsets"], np.int64), meta, name=str(path), pairs=pairs
         )
 
-    def batch_points(self, rng: np.random.Generator, step: int) -> np.ndarray:
-        if self._sampler is None or self.subset is None:
-            raise RuntimeError(
-                "hard-negative batches need descriptors: call MixedBatches.mine first"
-            )
-        return self.subset[self._sampler.batch_points(rng, step)]
-
-
-class MixedBatches:
-    """Batches from several pools with mixing weights.
-
-    Batch ``step`` is a pure function of ``(seed, step)`` (and, for ``hard-negative``, of the
-    descriptors of the last :meth:`mine`): its pool is drawn with probability proportional to
-    the weights and its points by that pool's sampler (``sampler``, one of :data:`SAMPLERS`),
-    so a resumed run sees the same batches, and ``rank``/``world_size`` take a slice of each
-    batch (rows ``rank::world_size``) for data-parallel training.
-
-    Samplers: ``same-image`` (:class:`SameImageSampler`, ``images_per_batch`` photos per
-    batch), ``random`` (:class:`~descmatch.train.samplers.HardNetSampler`), ``progressive``
-    (:class:`~descmatch.train.samplers.ProgressiveSampler`, ``p1_fraction`` of a batch walks
-    the pool in a shuffled sequence, a new one each pass, the rest is random) and
-    ``hard-negative`` (:class:`MinedSampler`, ``mine_points`` and ``mine_group``): its batches
-    need :meth:`mine` with the current net whenever :meth:`needs_mining` (every
-    ``mine_every`` steps); :meth:`mining_state` / :meth:`load_mining_state` carry what was mined
-    through a checkpoint.
-
-    Shape: ``batch(step)`` -> (batch_size,2,P,P) uint8, and the index of the pool used.
-    """
-
-    def __init__(
-        self,
-        pools: Sequence[PairPool],
-        weights: Sequence[float],
-        batch_size: int,
-        images_per_batch: int = 4,
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-        *,
-        sampler: str = "same-image",
-        p1_fraction: float = 0.5,
-        mine_every: int = 1000,
-        mine_points: int = 32768,
-        mine_group: int | None = 64,
-    ) -> None:
-        if not pools or len(pools) != len(weights):
-            raise ConfigError("give one weight per data source")
-        w = np.asarray(weights, np.float64)
-        if (w < 0).any() or w.sum() <= 0:
-            raise ConfigError(f"data weights must be >= 0 and not all 0, got {list(weights)}")
-        sizes = {p.patch_size for p in pools}
-        if len(sizes) != 1:
-            raise ConfigError(f"data sources have different patch sizes: {sorted(sizes)}")
-        if sampler not in SAMPLERS:
-            raise ConfigError(f"unknown sampler {sampler!r}; valid: {', '.join(SAMPLERS)}")
-        if not 0.0 < p1_fraction <= 1.0:
-            raise ConfigError(f"p1_fraction must be in (0, 1], got {p1_fraction}")
-        if mine_every < 1 or mine_points < 2:
-            raise ConfigError("mine_every must be >= 1 and mine_points >= 2")
-        self.pools = list(pools)
-        self.weights = w / w.sum()
-        self.sampler = sampler
-        self.batch_size = batch_size
-        self.seed = int(seed)
-        self.rank, self.world_size = int(rank), int(world_size)
-        self.mine_every = int(mine_every)
-        self.mined_round: int | None = None
-        self.samplers: list[Any] = []
-        for k, p in enumerate(self.pools):
-            if sampler == "same-image":
-                self.samplers.append(
-                    SameImageSampler(p.group_offsets, p.num_points, batch_size, images_per_batch)
-                )
-                continue
-            if not 2 <= batch_size <= p.num_points:
-                raise ConfigError(
-                    f"batch size {batch_size} must be within 2..{p.num_points} "
-                    f"(the number of training points of {p.name})"
-                )
-            sub = _sub_seed(self.seed, k, 43)
-            if sampler == "random":
-                self.samplers.append(
-                    HardNetSampler(_point_ids(p.num_points), batch_size, 0, seed=sub)
-                )
-            elif sampler == "progressive":
-                self.samplers.append(
-                    ProgressiveSampler(
-                        _point_ids(p.num_points), batch_size, None, p1_fraction, seed=sub
-                    )
-                )
-            else:
-                self.samplers.append(
-                    MinedSampler(p.num_points, batch_size, mine_points, mine_group, sub)
-                )
-
-    def batch(self, step: int) -> tuple[np.ndarray, int]:
-        rng = np.random.default_rng([self.seed, int(step), 17])
-        k = int(rng.choice(len(self.pools), p=self.weights)) if len(self.pools) > 1 else 0
-        sampler = self.samplers[k]
-        if isinstance(sampler, SameImageSampler):
-            pts = sampler.points(rng)
-        else:
-            if self.needs_mining(step):
-                raise RuntimeError(f"batch {step}: mine round {step // self.mine_every} first")
-            pts = sampler.batch_points(rng, int(step))
-        if self.world_size > 1:
-            pts = pts[self.rank :: self.world_size]
-        return self.pools[k].gather(pts, rng), k
-
-    # Hard-negative mining.
-
     @property
-    def mines(self) -> bool:
-        """Whether the batches need descriptors (the ``hard-negative`` sampler)."""
-        return self.sampler == "hard-negative"
+    def patch_size(self) -> int:
+        return int(self.crop or self.views.shape[-1])
 
-    def needs_mining(self, step: int) -> bool:
-        """Whether batch ``step`` needs a :meth:`mine` first (a new round of ``mine_every``
-        steps)."""
-        return self.mines and self.mined_round != int(step) // self.mine_every
+    def gather(self, points: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
+        rng = rng if rng is not None else np.random.default_rng()
+        rows = self.point_rows[np.asarray(points, np.int64)]
+        start = self.view_offsets[rows]
+        count = self.view_offsets[rows + 1] - start
+        second = start + 1 + rng.integers(0, count - 1)
+        idx = np.stack([start, second], 1).reshape(-1)
+        order = np.argsort(idx, kind="stable")
+        got = self.views[idx[order]]
+        if self.crop:
+            c0 = (got.shape[-1] - self.crop) // 2
+            got = got[..., c0 : c0 + self.crop, c0 : c0 + self.crop]
+        flat = np.empty((len(idx), self.patch_size, self.patch_size), np.uint8)
+        flat[order] = got
+        return flat.reshape(len(rows), 2, self.patch_size, self.patch_size)
 
-    def mine(self, step: int, describe: Callable[[np.ndarray], np.ndarray]) -> None:
-        """Describe a new random subset of every pool in use with ``describe`` (the current
-        net: (N,P,P) uint8 patches -> (N,D) descriptors) for the round of batch ``step``. The
-        subsets and patches are a pure function of ``(seed, round)``."""
-        r = int(step) // self.mine_every
-        for k, (pool, sampler) in enumerate(zip(self.pools, self.samplers, strict=True)):
-            if self.weights[k] <= 0:
-                continue
-            rng = np.random.default_rng([self.seed, r, k, 37])
-            subset = sampler.draw_subset(rng)
-            patches = np.ascontiguousarray(pool.gather(subset, rng)[:, 0])
-            sampler.set_descriptors(subset, describe(patches))
-        self.mined_round = r
-
-    def mining_state(self) -> dict[str, Any] | None:
-        """What was mined (the round; per pool its subset and float16 descriptors) as tensors,
-        for a checkpoint; None when nothing is mined."""
-        if not self.mines or self.mined_round is None:
-            return None
-        import torch
-
-        pools: list[dict[str, Any] | None] = []
-        for s in self.samplers:
-            if s.subset is None:
-                pools.append(None)
-            else:
-                pools.append(
-                    {
-                        "subset": torch.from_numpy(s.subset.copy()),
-                        "descriptors": torch.from_numpy(s.descriptors.copy()),
-                    }
-                )
-        return {"round": int(self.mined_round), "mine_every": self.mine_every, "pools": pools}
-
-    def load_mining_state(self, state: dict[str, Any] | None) -> None:
-        """Restore :meth:`mining_state` (nothing when it does not fit these settings: the next
-        batch then mines again)."""
-        if (
-            not self.mines
-            or not state
-            or int(state.get("mine_every", -1)) != self.mine_every
-            or len(state.get("pools", [])) != len(self.samplers)
-        ):
-            return
-        for s, st in zip(self.samplers, state["pools"], strict=True):
-            if st is not None:
-                subset = st["subset"].numpy()
-                if len(subset) != s.subset_size or subset.max(initial=0) >= s.num_points:
-                    return
-        for s, st in zip(self.samplers, state["pools"], strict=True):
-            if st is not None:
-                s.set_descriptors(st["subset"].numpy(), st["descriptors"].numpy())
-        self.mined_round = int(state["round"])
-
-
-def build_photo_pool_for(
-    photo_dir: str | Path,
-    cache_root: str | Path,
-    patch_size: int,
-    mr_size: float,
-    window_factor: float,
-    pairs_per_image: int,
-    seed: int,
-    workers: int = 1,
-    progress: Progress | None = None,
-    conf: PhotoPairConfig | None = None,
-    max_images: int | None = None,
-    frames: str | None = None,
-) -> Path:
-    """Build (or reuse) the pool of a photo folder under ``cache_root``, named by the folder and
-    a digest of the settings."""
-    import hashlib
-
-    conf = conf or PhotoPairConfig()
-    key = json.dumps(
-        [
-            str(Path(photo_dir).resolve()),
-            patch_size,
-            mr_size,
-            window_factor,
-            pairs_per_image,
-            seed,
-            max_images,
-            conf.settings(),
-            *frames_settings(frames).values(),
-        ],
-        sort_keys=True,
-    )
-    digest = hashlib.sha256(key.encode()).hexdigest()[:10]
-    out = Path(cache_root) / f"{Path(photo_dir).resolve().name}-{patch_size}px-{digest}"
-    return build_pool(
-        [photo_dir],
-        out,
-        pairs_per_image,
-        patch_size,
-        mr_size,
-        seed,
-        workers,
-        progress,
-        window_factor=window_factor,
-        conf=conf,
-        max_images=max_images,
-        frames=frames,
-    )
+    def subset(self, points: np.ndarray, group_offsets: np.ndarray | None) -> MultiviewPairPool:
+        out = MultiviewPairPool.__new__(MultiviewPairPool)
+        out.__dict__.update(self.__dict__)
+        out.point_rows = self.point_rows[np.asarray(points, np.int64)]
+        out.group_offsets = None if group_offsets is None else np.asarray(group_offsets, np.int64)
+        return out
