@@ -81,12 +81,13 @@ from .batches import MixedBatches
 from .data import DataSpec, ValSet, brown_val, open_source, pool_val
 from .evaluation import describe_patches, fpr_at_recall, pair_distances
 from .losses import LOSSES, get_loss
+from .objective import Objective, RunEnv, RunSettings, StepContext
 from .photos import PhotoPairConfig
 from .poolbuild import frames_settings
 from .recipe import OPTIMIZERS, PRECISIONS, SCHEDULES, Recipe
 from .runlog import hardware_name, read_log
 from .samplers import SAMPLERS
-from .trainer import Objective, RunEnv, RunSettings, StepContext, Trainer
+from .trainer import Trainer
 
 log = logging.getLogger(__name__)
 

@@ -65,8 +65,9 @@ from .framelosses import (
 )
 from .framepool import CONTEXT, CONTEXT_PX, FIELDS, build_frame_pool, load_frame_pools
 from .losses import hardnet_loss
+from .objective import Objective, RunEnv, RunSettings, StepContext
 from .recipe import Recipe
-from .trainer import Objective, RunEnv, RunSettings, StepContext, Trainer
+from .trainer import Trainer
 
 Progress = Any
 OBJECTIVES = ("covariant", "descriptor")
