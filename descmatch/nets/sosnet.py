@@ -31,7 +31,7 @@ class SOSNetCS(CentralSurround):
     """SOSNet central-surround: each stream instance-normalised as SOSNet's input (256-D)."""
 
     name: ClassVar[str] = "sosnet-cs"
-    default_conf: ClassVar[dict[str, Any]] = {"dim": 256, "dropout": 0.1}
+    default_conf: ClassVar[dict[str, Any]] = {"dim": 256, "dropout": 0.1, "concat_norm": "halves"}
     plain: ClassVar[str] = "sosnet"
 
     def __init__(self, conf: dict[str, Any] | None = None) -> None:
