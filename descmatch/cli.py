@@ -168,13 +168,29 @@ SizePoolOpt = Annotated[
     ),
 ]
 HalfOpt = Annotated[bool, typer.Option("--half", help="Store descriptors as float16.")]
+
+
+def _ratio_in_range(value: float) -> float:
+    """--ratio: 0 < ratio <= 1 (0 would keep no match, above 1 is no test at all)."""
+    if not 0.0 < value <= 1.0:
+        raise typer.BadParameter(f"{value:g} is not in (0, 1]: 1 disables the ratio test")
+    return value
+
+
 RatioOpt = Annotated[
     float,
     typer.Option(
         "--ratio",
-        min=0.0,
-        max=1.0,
-        help="Lowe's ratio test threshold on L2 distances (1 disables it).",
+        callback=_ratio_in_range,
+        help="Lowe's ratio test threshold on L2 distances, in (0, 1] (1 disables it).",
+    ),
+]
+MaxPixelsOpt = Annotated[
+    str,
+    typer.Option(
+        "--max-pixels",
+        help="Images above this size (pixels, or megapixels as 50M; none: no limit) are read "
+        "at 1/2, 1/4 or 1/8 size; keypoints stay in the images' own pixels.",
     ),
 ]
 MutualOpt = Annotated[
@@ -305,12 +321,13 @@ def detect(
     device: DeviceOpt = "auto",
     overwrite: OverwriteOpt = False,
     strict: StrictOpt = False,
+    max_pixels: MaxPixelsOpt = "50M",
 ) -> None:
     """Detect keypoints only (SIFT/DoG), for inspection and for other tools."""
     from .extract import extract
-    from .images import list_images
+    from .images import list_images, parse_max_pixels
 
-    imgs = list_images(images)
+    imgs = list_images(images, parse_max_pixels(max_pixels))
     det = _detector(detector, max_keypoints, upright, _device(device))
     with _progress("detect") as cb:
         res = extract(imgs, output, None, det, resize_max, overwrite, strict, progress=cb)
@@ -339,12 +356,13 @@ def extract_cmd(
     half: HalfOpt = False,
     overwrite: OverwriteOpt = False,
     strict: StrictOpt = False,
+    max_pixels: MaxPixelsOpt = "50M",
 ) -> None:
     """Detect keypoints, cut 32x32 patches and describe them into an hloc-style features.h5."""
     from .extract import extract
-    from .images import list_images
+    from .images import list_images, parse_max_pixels
 
-    imgs = list_images(images)
+    imgs = list_images(images, parse_max_pixels(max_pixels))
     detector, describer = _setup(
         method,
         weights,
@@ -366,9 +384,9 @@ def extract_cmd(
 
 
 def _looks_like_image(p: str) -> bool:
-    from .images import is_image
+    from .images import looks_like_image
 
-    return is_image(Path(p))
+    return looks_like_image(p)
 
 
 @app.command("match")
@@ -912,8 +930,7 @@ def eval_homography(
         float,
         typer.Option(
             "--ratio",
-            min=0.0,
-            max=1.0,
+            callback=_ratio_in_range,
             help="Ratio test (1 = none: the protocol is mutual nearest neighbours alone).",
         ),
     ] = 1.0,
@@ -1029,7 +1046,7 @@ def eval_epipolar(
     frames: FramesOpt = "auto",
     size_pool: SizePoolOpt = "auto",
     ratio: Annotated[
-        float, typer.Option("--ratio", min=0.0, max=1.0, help="Ratio test (1 = none).")
+        float, typer.Option("--ratio", callback=_ratio_in_range, help="Ratio test (1 = none).")
     ] = 1.0,
     mutual: MutualOpt = True,
     threshold: Annotated[
@@ -1234,7 +1251,11 @@ def pairs_cmd(
     words: Annotated[
         int,
         typer.Option(
-            "--words", min=1, help="Retrieval: k-means codebook size, learned on the collection."
+            "--words",
+            min=1,
+            max=1024,
+            help="Retrieval: k-means codebook size, learned on the collection (at most 1024, "
+            "and one word per 16 sampled descriptors).",
         ),
     ] = 64,
     seed: Annotated[int, typer.Option("--seed", help="Retrieval: codebook seed.")] = 0,
@@ -1415,6 +1436,7 @@ def sfm_cmd(
     batch_size: BatchOpt = None,
     max_keypoints: MaxKptsOpt = 4000,
     resize_max: ResizeOpt = None,
+    max_pixels: MaxPixelsOpt = "50M",
     upright: UprightOpt = False,
     mr_size: MrOpt = None,
     precision: PrecisionOpt = DEFAULT_PRECISION,
@@ -1457,11 +1479,11 @@ def sfm_cmd(
     incremental mapping (pycolmap) into OUT_DIR/sparse/0; each stage resumes from its files.
     Needs pycolmap: pip install 'descmatch\\[sfm]'."""
     from .export.colmap import require_pycolmap
-    from .images import list_images
+    from .images import list_images, parse_max_pixels
     from .sfm import SfmConfig, Stage, run_sfm
 
     require_pycolmap()
-    imgs = list_images(images)
+    imgs = list_images(images, parse_max_pixels(max_pixels))
     if cameras is not None and not cameras.is_file():
         raise InputError(f"{cameras}: no such cameras file")
     detector, describer = _setup(

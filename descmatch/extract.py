@@ -21,7 +21,7 @@ from .detect import Keypoints, SiftDetector
 from .distributed import Dist, session
 from .errors import ImageReadError
 from .h5 import Shard, Writer, settings_json
-from .images import ImageList, read_image, resize_max
+from .images import ImageList
 
 log = logging.getLogger(__name__)
 
@@ -63,13 +63,11 @@ class _Loaded:
 def _load(images: ImageList, name: str, detector: SiftDetector, max_side: int | None) -> _Loaded:
     t0 = time.perf_counter()
     try:
-        img = read_image(images.path(name))
+        img = images.read(name, max_side)  # judged by content, downscaled above max_pixels
     except ImageReadError as e:
         return _Loaded(name, error=str(e), seconds=time.perf_counter() - t0)
-    h, w = img.shape
-    small, scale = resize_max(img, max_side)
-    kps = detector(small)
-    return _Loaded(name, small, kps, scale, (w, h), seconds=time.perf_counter() - t0)
+    kps = detector(img.image)
+    return _Loaded(name, img.image, kps, img.scale, img.size, seconds=time.perf_counter() - t0)
 
 
 def _prefetch(

@@ -23,23 +23,33 @@ def sequential(names: list[str], k: int) -> list[tuple[str, str]]:
     ]
 
 
-def _split_pair(line: str, known: set[str] | None) -> tuple[str, str] | None:
-    """The two names of a pairs-file line. hloc's format separates them by whitespace; a
-    name that contains spaces is written with a tab between the two (:func:`format_pair`),
-    and with ``known`` names an untabbed line splits where both halves are known names.
-    None when the line has fewer than two names."""
+def _split_pair(line: str, known: set[str] | None) -> tuple[str, str] | str:
+    """The two names of a pairs-file line, or why it is not two names.
+
+    hloc's format separates the names by whitespace; a name that contains spaces is written
+    with a tab between the two (:func:`format_pair`), and with ``known`` names an untabbed
+    line splits where both halves are known names."""
     if "\t" in line:
         parts = [p.strip() for p in line.split("\t") if p.strip()]
-        return (parts[0], parts[1]) if len(parts) >= 2 else None
+        if len(parts) == 2:
+            return parts[0], parts[1]
+        return f"expected two tab-separated image names, got {len(parts)}"
     parts = line.split()
+    if len(parts) == 2:
+        return parts[0], parts[1]
     if len(parts) < 2:
-        return None
-    if known is not None and len(parts) > 2 and not (parts[0] in known and parts[1] in known):
-        for k in range(1, len(parts)):
-            a, b = " ".join(parts[:k]), " ".join(parts[k:])
-            if a in known and b in known:
-                return a, b
-    return parts[0], parts[1]
+        return f"expected two image names, got {len(parts)}"
+    if known is not None:
+        splits = [(" ".join(parts[:k]), " ".join(parts[k:])) for k in range(1, len(parts))]
+        fits = [(a, b) for a, b in splits if a in known and b in known]
+        if len(fits) == 1:
+            return fits[0]
+        if fits:
+            return "splits into two image names in several ways: separate them by a tab"
+    return (
+        f"expected two image names, got {len(parts)} words (separate names that contain "
+        "spaces by a tab)"
+    )
 
 
 def format_pair(a: str, b: str) -> str:
@@ -48,26 +58,45 @@ def format_pair(a: str, b: str) -> str:
     return f"{a}{sep}{b}\n"
 
 
+def _read_text(path: Path) -> str:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: not a text pairs file (binary content)") from None
+    except OSError as e:
+        raise InputError(f"{path}: cannot read ({e.strerror})") from None
+    if "\x00" in text:
+        raise InputError(f"{path}: not a text pairs file (binary content)")
+    return text
+
+
 def read_pairs(path: str | Path, known: set[str] | None = None) -> list[tuple[str, str]]:
-    """Read a pairs file; with ``known``, every name must be one of them."""
+    """Read a pairs file: one pair a line, two names separated by whitespace (a tab when a
+    name contains spaces); blank lines and ``#`` comments are skipped. With ``known``, every
+    name must be one of them (and a line of two known names is a pair even when the first
+    starts with ``#``). Repeats in either order are dropped.
+
+    Raises InputError naming ``file:line`` for a line that is not two names, an unknown
+    name or an image paired with itself, and for a file that is binary or holds no pairs.
+    """
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such pairs file")
     pairs: list[tuple[str, str]] = []
     seen: set[tuple[str, str]] = set()
-    for i, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip() or line.lstrip().startswith("#"):
+    for i, line in enumerate(_read_text(path).split("\n"), 1):
+        stripped = line.strip()
+        if not stripped:
             continue
         pair = _split_pair(line.strip("\r\n "), known)
-        if pair is None:
-            raise InputError(f"{path}:{i}: expected two image names, got {line.strip()!r}")
+        if stripped.startswith("#") and (
+            known is None or isinstance(pair, str) or not {pair[0], pair[1]} <= known
+        ):
+            continue  # a comment
+        if isinstance(pair, str):
+            raise InputError(f"{path}:{i}: {pair}: {_shorten(stripped)!r}")
         a, b = pair
         unknown = [n for n in (a, b) if known is not None and n not in known]
-        if unknown and "\t" not in line and len(line.split()) > 2:
-            raise InputError(
-                f"{path}:{i}: {line.strip()!r} is not two image names of the "
-                "features file (separate names with spaces by a tab)"
-            )
         if unknown:
             raise InputError(f"{path}:{i}: image {unknown[0]!r} is not in the features file")
         if a == b:
@@ -76,7 +105,13 @@ def read_pairs(path: str | Path, known: set[str] | None = None) -> list[tuple[st
             continue
         seen.add((a, b))
         pairs.append((a, b))
+    if not pairs:
+        raise InputError(f"{path}: holds no pairs (empty, or comments only): nothing to match")
     return pairs
+
+
+def _shorten(text: str, limit: int = 120) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def pairs_from_spec(spec: str, names: list[str]) -> list[tuple[str, str]]:

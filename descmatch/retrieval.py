@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 DEFAULT_WORDS = 64
 DEFAULT_SAMPLE = 100_000
 DEFAULT_ITERS = 15
+MAX_WORDS = 1024  # VLAD vectors are words x D floats per image (1024 x 128: 512 KiB)
+DESCRIPTORS_PER_WORD = 16  # fewer descriptors than this per word make a meaningless codebook
 
 
 @dataclass
@@ -150,7 +152,12 @@ def global_descriptors(
     progress: Callable[[int, int, str], None] | None = None,
 ) -> GlobalDescriptors:
     """VLAD descriptors of the images of a features file (all of them, or ``names``), over a
-    codebook of ``words`` words learned from at most ``sample`` of their local descriptors."""
+    codebook of ``words`` words learned from at most ``sample`` of their local descriptors.
+
+    ``words`` must lie in 1..MAX_WORDS (InputError otherwise); more words than the sampled
+    descriptors support (DESCRIPTORS_PER_WORD each) are reduced to that, with a warning."""
+    if not 1 <= words <= MAX_WORDS:
+        raise InputError(f"--words {words}: must be between 1 and {MAX_WORDS}")
     features = Path(features)
     with Reader(features, "features") as reader:
         if int(reader.attrs.get("descriptor_dim", 0)) <= 0:
@@ -179,6 +186,19 @@ def global_descriptors(
             picked.append(d)
             if progress:
                 progress(i + 1, 2 * len(names), n)
+        available = sum(len(p) for p in picked)
+        fit = max(1, available // DESCRIPTORS_PER_WORD)
+        if words > fit:
+            log.warning(
+                "--words %d: %d descriptors sampled support at most %d words "
+                "(%d descriptors a word); using %d",
+                words,
+                available,
+                fit,
+                DESCRIPTORS_PER_WORD,
+                fit,
+            )
+            words = fit
         codebook = train_codebook(torch.cat(picked), words, iters, seed)
         log.debug(
             "retrieval codebook: %d words from %d of %d descriptors",

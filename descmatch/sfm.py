@@ -275,7 +275,7 @@ def _run(
         xres: ColmapExportResult = export_colmap(
             feats,
             matches_path,
-            ImageList(images.root, names),
+            images.subset(names),
             database,
             cfg.camera_mode,
             verify=cfg.verify,

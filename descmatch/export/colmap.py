@@ -398,9 +398,13 @@ def _write(
             sizes[n] = (w, h)
         num_kpts = {n: int(fr._f[n]["keypoints"].shape[0]) for n in names}
         if camera_mode == "single" and len(set(sizes.values())) > 1:
+            vals = list(sizes.values())
+            cw, ch = max(set(vals), key=vals.count)
+            odd = [f"{n} ({w}x{h})" for n, (w, h) in sizes.items() if (w, h) != (cw, ch)]
             raise InputError(
-                f"{images.root}: images of {len(set(sizes.values()))} different "
-                "sizes share one camera; use --camera-mode per-image"
+                f"{images.root}: images of {len(set(vals))} different sizes share one "
+                f"camera: {_listing(odd)} differ from the {cw}x{ch} of the others; use "
+                "--camera-mode per-image, or leave those images out"
             )
         todo = _pairs_to_export(mr, names, pairs, result)
         db = pycolmap.Database.open(str(part))  # creates the file (COLMAP needs it to exist)
