@@ -7,6 +7,8 @@ so every method goes through the same pipeline and files.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any, Protocol
 
@@ -14,12 +16,15 @@ import numpy as np
 import torch
 
 from .detect import Keypoints, SiftDetector, to_uint8
-from .errors import ConfigError
+from .errors import ConfigError, WeightsError
+from .int8 import Int8Net, cpu_has_int8_dot, int8_path, onnxruntime_available
 from .nets import NETS, DescriptorNet, FrameNet
 from .nets.fold import fold_batchnorm
 from .nets.frames import refined_keypoints
 from .patches import DEFAULT_MR_SIZE, build_pyramid, extract_patches
-from .weights import default_method, load_net, weights_dir
+from .weights import LoadedNet, default_method, load_net, weights_dir
+
+log = logging.getLogger(__name__)
 
 CLASSICAL = ("sift", "rootsift")
 
@@ -62,17 +67,20 @@ class SiftDescriber:
         return d
 
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
 DEFAULT_PRECISION = "auto"
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto``: fp16 on CUDA, bf16 on CPUs with native bf16, else fp32."""
+    """``auto``: fp16 on CUDA, bf16 on CPUs with native bf16, else fp32. ``int8`` (the nets'
+    shipped int8 models through ONNX Runtime, :mod:`descmatch.int8`) runs on the CPU only."""
     if precision not in PRECISIONS:
         raise ConfigError(f"--precision {precision}: choose one of {', '.join(PRECISIONS)}")
     if precision != "auto":
         if precision == "fp16" and device.type == "cpu":
             raise ConfigError("--precision fp16 needs a CUDA device; use bf16 on the CPU")
+        if precision == "int8" and device.type != "cpu":
+            raise ConfigError(f"--precision int8 runs on the CPU, not {device.type}")
         return precision
     if device.type == "cuda":
         return "fp16"
@@ -89,11 +97,13 @@ def _cpu_has_bf16() -> bool:
 class NetDescriber:
     """A learned net on patches: one pyramid and one sampling call per image, the net (batch
     norm folded in) in chunks of ``batch_size`` under inference mode on ``device``, in
-    ``precision`` (fp32 is the reference; bf16/fp16 run under autocast).
+    ``precision`` (fp32 is the reference; bf16/fp16 run under autocast; int8 runs
+    ``int8_net``, the net's int8 model, :class:`~descmatch.int8.Int8Net`, and ``int8_frames``
+    the refiner's).
 
     With a ``frames`` net, calling the describer first refines the keypoints' frames
-    (:meth:`refine`, in fp32; with ``upright``, sizes only) and describes the patches cut in
-    the refined frames;
+    (:meth:`refine`: in fp32, or in int8 with ``int8_frames``; with ``upright``, sizes only)
+    and describes the patches cut in the refined frames;
     :meth:`describe` and :meth:`describe_many` take the frames as given.
 
     ``size_pool`` (factors of the keypoint size, e.g. (0.8, 1.25)): domain-size pooling, as in
@@ -113,16 +123,18 @@ class NetDescriber:
         frames_mr_size: float = DEFAULT_MR_SIZE,
         upright: bool = False,
         size_pool: tuple[float, ...] = (1.0,),
+        int8_net: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        int8_frames: Any = None,
     ) -> None:
         self.size_pool = check_size_pool(size_pool, "size pooling")
-        self.frames = (
+        self.frames: FrameNet | None = (
             fold_batchnorm(frames.eval()).to(device)  # type: ignore[assignment]
             if frames is not None
             else None
         )
         self.frames_mr_size = frames_mr_size
         self.upright = upright
-        self.net = fold_batchnorm(net.eval()).to(device)
+        self.net: DescriptorNet = fold_batchnorm(net.eval()).to(device)  # type: ignore[assignment]
         self.device = device
         self.batch_size = batch_size
         self.mr_size = mr_size
@@ -130,8 +142,14 @@ class NetDescriber:
         self.dim = net.dim
         self.meta = meta or {}
         self.precision = resolve_precision(precision, device)
+        if self.precision == "int8" and int8_net is None:
+            raise ConfigError(f"--precision int8: no int8 model given for {net.name}")
+        if self.precision == "int8" and frames is not None and int8_frames is None:
+            raise ConfigError("--precision int8: no int8 model given for the frame refiner")
+        self.int8_net = int8_net if self.precision == "int8" else None
+        self.int8_frames = int8_frames if self.precision == "int8" else None
         if self.precision == "fp32" and device.type == "cpu":
-            self.net = self.net.to(memory_format=torch.channels_last)
+            self.net = self.net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
 
     @torch.inference_mode()
     def patches(self, image: np.ndarray, kps: Keypoints) -> torch.Tensor:
@@ -168,6 +186,15 @@ class NetDescriber:
     @torch.inference_mode()
     def describe_patches(self, patches: torch.Tensor) -> torch.Tensor:
         """Shape: (N,1,P,P) -> (N,D) float32."""
+        if self.int8_net is not None:
+            run = self.int8_net
+            out = [
+                run(patches[i : i + self.batch_size]).to(self.device)
+                for i in range(0, patches.shape[0], self.batch_size)
+            ]
+            if not out:
+                return torch.zeros((0, self.dim), device=self.device)
+            return torch.nn.functional.normalize(torch.cat(out), dim=1)
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
         if dtype is None and self.device.type == "cpu":
             patches = patches.contiguous(memory_format=torch.channels_last)
@@ -188,7 +215,12 @@ class NetDescriber:
         if self.frames is None or len(kps) == 0:
             return kps
         out = refined_keypoints(
-            self.frames, image, kps, self.device, self.frames_mr_size, self.batch_size
+            self.int8_frames or self.frames,  # an Int8Net answers the FrameNet's call
+            image,
+            kps,
+            self.device,
+            self.frames_mr_size,
+            self.batch_size,
         )
         return replace(out, angle=kps.angle) if self.upright else out
 
@@ -290,6 +322,42 @@ def resolve_size_pool(spec: str | None) -> tuple[float, ...]:
     return check_size_pool(factors, f"--size-pool {spec}")
 
 
+#: ``--precision auto`` on the CPU runs int8 where it can (:func:`_int8_models`).
+AUTO_INT8 = False
+
+
+def _int8_models(
+    precision: str, device: torch.device, net: LoadedNet, refiner: LoadedNet | None
+) -> tuple[str, Int8Net | None, Int8Net | None]:
+    """The precision a learned describer runs in and, for int8, the int8 models of its net
+    and refiner (``<weights>.int8.onnx``, made from these very weights).
+
+    ``auto`` on the CPU is int8 where that is measured faster and as accurate (README,
+    "Precision"): a CPU with int8 dot-product instructions, ONNX Runtime installed and int8
+    models of both weights files; otherwise (or if a model belongs to other weights: a
+    warning) what :func:`resolve_precision` says."""
+    resolved = resolve_precision(precision, device)
+    nets = [net] + ([refiner] if refiner is not None else [])
+    auto = (
+        AUTO_INT8
+        and precision == "auto"
+        and device.type == "cpu"
+        and cpu_has_int8_dot()
+        and onnxruntime_available()
+        and all(int8_path(n.path).is_file() for n in nets)
+    )
+    if resolved != "int8" and not auto:
+        return resolved, None, None
+    try:
+        models = [Int8Net(int8_path(n.path), n.net.patch_size, n.sha256) for n in nets]
+    except WeightsError as e:
+        if not auto:
+            raise
+        log.warning("--precision auto: %s; running %s instead", e, resolved)
+        return resolved, None, None
+    return "int8", models[0], (models[1] if refiner is not None else None)
+
+
 def build_describer(
     method: str,
     weights: str | None = None,
@@ -318,17 +386,23 @@ def build_describer(
     loaded = load_net(method, weights)
     if mr_size is None:
         mr_size = float(loaded.meta.get("mr_size", DEFAULT_MR_SIZE))
-    meta = {"weights": loaded.path.name, "weights_sha256": loaded.sha256}
-    frames_net, frames_mr = None, DEFAULT_MR_SIZE
+    meta: dict[str, Any] = {"weights": loaded.path.name, "weights_sha256": loaded.sha256}
+    device = device or torch.device("cpu")
+    frames_net: Any = None
+    frames_mr, refiner = DEFAULT_MR_SIZE, None
     frames_name = resolve_frames(frames)
     if frames_name is not None:
         refiner = load_net("frames", frames_name)
-        frames_net = refiner.net
+        frames_net = refiner.net  # a FrameNet, by name
         frames_mr = float(refiner.meta.get("mr_size", DEFAULT_MR_SIZE))
         meta.update(frames=refiner.path.name, frames_sha256=refiner.sha256)
+    precision, int8_net, int8_frames = _int8_models(precision, device, loaded, refiner)
+    if int8_net is not None:
+        meta["int8"] = int8_net.path.name
+    if int8_frames is not None:
+        meta["frames_int8"] = int8_frames.path.name
     if pool != (1.0,):
         meta["size_pool"] = list(pool)
-    device = device or torch.device("cpu")
     if batch_size is None:
         batch_size = default_batch_size(device)
     return NetDescriber(
@@ -342,4 +416,6 @@ def build_describer(
         frames_mr,
         upright,
         pool,
+        int8_net,
+        int8_frames,
     )
