@@ -143,8 +143,9 @@ PrecisionOpt = Annotated[
     typer.Option(
         "--precision",
         help="Learned nets: fp32 (reference), "
-        "bf16, fp16 (CUDA), or auto (fp16 on CUDA, bf16 on CPUs that have "
-        "it).",
+        "bf16, fp16 (CUDA), int8 (CPU: the nets' shipped int8 models through "
+        "ONNX Runtime, pip install 'descmatch[int8]'), or auto (fp16 on CUDA, "
+        "bf16 on CPUs that have it).",
     ),
 ]
 FramesOpt = Annotated[
