@@ -8,6 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy.sparse import csr_matrix
+from scipy.sparse.csgraph import maximum_bipartite_matching
+from scipy.spatial import cKDTree
 
 from .errors import InputError
 from .geometry import map_keypoints, project  # noqa: F401  (project: part of this API)
@@ -78,56 +81,20 @@ def possible_correspondences(
     if len(kp0) == 0 or len(kp1) == 0:
         return 0
     p0 = project(h, kp0)
+    finite = np.flatnonzero(np.isfinite(p0).all(1))
+    # Every (image-0, image-1) keypoint pair within the threshold, as a sparse distance matrix.
+    near = cKDTree(p0[finite]).sparse_distance_matrix(
+        cKDTree(kp1), threshold, output_type="coo_matrix"
+    )
+    i, j = finite[near.row], near.col
     if frames is not None:
         size0, angle0, size1, angle1 = (np.asarray(f, np.float64) for f in frames)
         _, m_size, m_angle, _ = map_keypoints(h, kp0, size0, angle0)
-        log_scale = math.log(FRAME_SCALE)
-    cell = max(threshold, 1e-6)
-    grid: dict[tuple[int, int], list[int]] = {}
-    for j, (x, y) in enumerate(np.floor(kp1 / cell).astype(np.int64).tolist()):
-        grid.setdefault((x, y), []).append(j)
-    adj: list[list[int]] = []
-    c0 = np.floor(p0 / cell).astype(np.int64)
-    for i in range(len(p0)):
-        if not np.isfinite(p0[i]).all():
-            adj.append([])
-            continue
-        cx, cy = int(c0[i, 0]), int(c0[i, 1])
-        cand = [
-            j for dx in (-1, 0, 1) for dy in (-1, 0, 1) for j in grid.get((cx + dx, cy + dy), ())
-        ]
-        if cand:
-            d = np.linalg.norm(kp1[cand] - p0[i], axis=1)
-            ok = d <= threshold
-            if frames is not None:
-                c = np.asarray(cand)
-                da = np.abs((angle1[c] - m_angle[i] + 180.0) % 360.0 - 180.0)
-                ok &= (da <= FRAME_ANGLE) & (np.abs(np.log(size1[c] / m_size[i])) <= log_scale)
-            cand = [cand[k] for k in np.argsort(d) if ok[k]]
-        adj.append(cand)
-    match1 = [-1] * len(kp1)
-    for i in range(len(p0)):  # augmenting paths (Kuhn), iterative: few edges per keypoint
-        if not adj[i]:
-            continue
-        parent: dict[int, int] = {}  # image-1 keypoint -> image-0 keypoint that reached it
-        stack, seen, end = [i], set(), -1
-        while stack and end < 0:
-            u = stack.pop()
-            for j in adj[u]:
-                if j in seen:
-                    continue
-                seen.add(j)
-                parent[j] = u
-                if match1[j] < 0:
-                    end = j
-                    break
-                stack.append(match1[j])
-        while end >= 0:  # flip the path
-            u = parent[end]
-            prev = next((j for j in adj[u] if match1[j] == u), -1) if u != i else -1
-            match1[end] = u
-            end = prev
-    return sum(m >= 0 for m in match1)
+        da = np.abs((angle1[j] - m_angle[i] + 180.0) % 360.0 - 180.0)
+        ok = (da <= FRAME_ANGLE) & (np.abs(np.log(size1[j] / m_size[i])) <= math.log(FRAME_SCALE))
+        i, j = i[ok], j[ok]
+    graph = csr_matrix((np.ones(len(i), np.int8), (i, j)), shape=(len(kp0), len(kp1)))
+    return int((maximum_bipartite_matching(graph, perm_type="column") >= 0).sum())
 
 
 def homography_corner_error(
