@@ -322,7 +322,7 @@ def detect(
     device: DeviceOpt = "auto",
     overwrite: OverwriteOpt = False,
     strict: StrictOpt = False,
-    max_pixels: MaxPixelsOpt = "50M",
+    max_pixels: MaxPixelsOpt = "25M",
 ) -> None:
     """Detect keypoints only (SIFT/DoG), for inspection and for other tools."""
     from .extract import extract
@@ -357,7 +357,7 @@ def extract_cmd(
     half: HalfOpt = False,
     overwrite: OverwriteOpt = False,
     strict: StrictOpt = False,
-    max_pixels: MaxPixelsOpt = "50M",
+    max_pixels: MaxPixelsOpt = "25M",
 ) -> None:
     """Detect keypoints, cut 32x32 patches and describe them into an hloc-style features.h5."""
     from .extract import extract
@@ -1437,7 +1437,7 @@ def sfm_cmd(
     batch_size: BatchOpt = None,
     max_keypoints: MaxKptsOpt = 4000,
     resize_max: ResizeOpt = None,
-    max_pixels: MaxPixelsOpt = "50M",
+    max_pixels: MaxPixelsOpt = "25M",
     upright: UprightOpt = False,
     mr_size: MrOpt = None,
     precision: PrecisionOpt = DEFAULT_PRECISION,

@@ -24,31 +24,36 @@ def sequential(names: list[str], k: int) -> list[tuple[str, str]]:
 
 
 def _split_pair(line: str, known: set[str] | None) -> tuple[str, str] | str:
-    """The two names of a pairs-file line, or why it is not two names.
+    """The two names of a pairs-file line, or why it is not two names (quoting the line).
 
     hloc's format separates the names by whitespace; a name that contains spaces is written
     with a tab between the two (:func:`format_pair`), and with ``known`` names an untabbed
     line splits where both halves are known names."""
+    quoted = repr(_shorten(line.strip()))
     if "\t" in line:
         parts = [p.strip() for p in line.split("\t") if p.strip()]
         if len(parts) == 2:
             return parts[0], parts[1]
-        return f"expected two tab-separated image names, got {len(parts)}"
+        return f"expected two tab-separated image names, got {len(parts)}: {quoted}"
     parts = line.split()
     if len(parts) == 2:
         return parts[0], parts[1]
     if len(parts) < 2:
-        return f"expected two image names, got {len(parts)}"
+        return f"expected two image names, got {len(parts)}: {quoted}"
     if known is not None:
         splits = [(" ".join(parts[:k]), " ".join(parts[k:])) for k in range(1, len(parts))]
         fits = [(a, b) for a, b in splits if a in known and b in known]
         if len(fits) == 1:
             return fits[0]
         if fits:
-            return "splits into two image names in several ways: separate them by a tab"
+            return f"{quoted} splits into two image names in several ways: separate them by a tab"
+        return (
+            f"{quoted} is not two image names of the features file ({len(parts)} words; "
+            "separate names that contain spaces by a tab)"
+        )
     return (
         f"expected two image names, got {len(parts)} words (separate names that contain "
-        "spaces by a tab)"
+        f"spaces by a tab): {quoted}"
     )
 
 
@@ -94,7 +99,7 @@ def read_pairs(path: str | Path, known: set[str] | None = None) -> list[tuple[st
         ):
             continue  # a comment
         if isinstance(pair, str):
-            raise InputError(f"{path}:{i}: {pair}: {_shorten(stripped)!r}")
+            raise InputError(f"{path}:{i}: {pair}")
         a, b = pair
         unknown = [n for n in (a, b) if known is not None and n not in known]
         if unknown:

@@ -50,7 +50,7 @@ def test_three_names_on_a_line_name_the_file_and_line(
 ) -> None:
     p = _write(tmp_path, "a.jpg b.jpg\na.jpg b.jpg c.jpg\n")
     msg = _error(p, known)
-    assert f"{p}:2:" in msg and "3 words" in msg
+    assert f"{p}:2:" in msg and "3 words" in msg and "c.jpg" in msg
     p = _write(tmp_path, "a.jpg\tb.jpg\tc.jpg\n", "tabs.txt")
     assert f"{p}:1:" in _error(p, known)
 
