@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import logging
 import os
-import struct
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -82,75 +81,28 @@ def require_pycolmap() -> ModuleType:
 
 # -- EXIF ------------------------------------------------------------------------------------
 def exif_focal_35mm(path: str | Path) -> float | None:
-    """FocalLengthIn35mmFilm (EXIF tag 0xA405, mm) of a JPEG file, or None.
+    """FocalLengthIn35mmFilm (EXIF tag 0xA405, mm) of an image file, or None.
 
-    A minimal reader: walks the JPEG markers to the APP1 ``Exif`` segment, then IFD0 and the
-    Exif sub-IFD of its TIFF structure (either byte order). Anything unexpected gives None.
+    Read with Pillow from the image's header (any format Pillow reads EXIF from: JPEG, TIFF,
+    PNG, WebP); a missing, zero or malformed tag gives None.
     """
+    import warnings
+
+    from PIL import Image, UnidentifiedImageError
+
     try:
-        with open(path, "rb") as fh:
-            data = fh.read(1 << 17)
-    except OSError:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a damaged EXIF block reads as no focal length
+            with Image.open(path) as img:
+                exif = img.getexif()
+                value = exif.get_ifd(0x8769).get(0xA405, exif.get(0xA405))
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError):
         return None
-    if data[:2] != b"\xff\xd8":
+    try:
+        focal = float(value) if value is not None else 0.0
+    except (TypeError, ValueError):
         return None
-    pos = 2
-    while pos + 4 <= len(data):
-        if data[pos] != 0xFF:
-            return None
-        marker = data[pos + 1]
-        if marker == 0xFF:  # fill byte
-            pos += 1
-            continue
-        if marker in (0xDA, 0xD9):  # start of scan / end of image: no more metadata
-            return None
-        length = struct.unpack(">H", data[pos + 2 : pos + 4])[0]
-        seg = data[pos + 4 : pos + 2 + length]
-        if marker == 0xE1 and seg[:6] == b"Exif\x00\x00":
-            try:
-                return _tiff_focal_35mm(seg[6:])
-            except (struct.error, IndexError, ValueError):
-                return None
-        pos += 2 + length
-    return None
-
-
-def _tiff_focal_35mm(tiff: bytes) -> float | None:
-    order = {b"II": "<", b"MM": ">"}.get(tiff[:2])
-    if order is None or struct.unpack(order + "H", tiff[2:4])[0] != 42:
-        return None
-
-    def entries(offset: int) -> dict[int, tuple[int, int, bytes]]:
-        n = struct.unpack(order + "H", tiff[offset : offset + 2])[0]
-        out = {}
-        for i in range(n):
-            e = tiff[offset + 2 + 12 * i : offset + 14 + 12 * i]
-            if len(e) < 12:
-                break
-            tag, typ, count = struct.unpack(order + "HHI", e[:8])
-            out[tag] = (typ, count, e[8:12])
-        return out
-
-    def short_or_long(typ: int, raw: bytes) -> int | None:
-        if typ == 3:  # SHORT
-            return int(struct.unpack(order + "H", raw[:2])[0])
-        if typ == 4:  # LONG
-            return int(struct.unpack(order + "I", raw)[0])
-        return None
-
-    ifd0 = entries(struct.unpack(order + "I", tiff[4:8])[0])
-    tags = dict(ifd0)
-    if 0x8769 in ifd0:  # Exif sub-IFD pointer
-        typ, _, raw = ifd0[0x8769]
-        sub = short_or_long(typ, raw)
-        if sub:
-            tags.update(entries(sub))
-    if 0xA405 in tags:
-        typ, _, raw = tags[0xA405]
-        f = short_or_long(typ, raw)
-        if f and f > 0:
-            return float(f)
-    return None
+    return focal if focal > 0 else None
 
 
 def focal_prior(path: str | Path | None, width: int, height: int) -> tuple[float, bool]:
