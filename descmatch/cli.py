@@ -219,17 +219,19 @@ def _main(
     # Under torchrun only rank 0 draws progress and prints summaries (errors still show).
     _state["quiet"] = quiet or (env is not None and env[0] != 0)
     level = logging.ERROR if quiet else logging.DEBUG if verbose else logging.WARNING
-    logging.basicConfig(
-        level=level,
-        format="%(message)s",
-        force=True,
-        handlers=[RichHandler(console=err, show_time=False, show_path=False)],
-    )
+    handler: logging.Handler
+    if err.is_terminal:
+        handler = RichHandler(console=err, show_time=False, show_path=False)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+    else:  # piped or to a file: plain lines, no padding to the console's width
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    logging.basicConfig(level=level, force=True, handlers=[handler])
 
 
 @contextmanager
 def _progress(label: str) -> Iterator[Callable[[int, int, str], None]]:
-    if _state["quiet"]:
+    if _state["quiet"] or not err.is_terminal:  # no bar (nor its blank line) in a pipe
         yield lambda i, n, name: None
         return
     bar = Progress(
@@ -329,6 +331,7 @@ def detect(
     from .images import list_images, parse_max_pixels
 
     imgs = list_images(images, parse_max_pixels(max_pixels))
+    _refuse_list_file(output, images)
     det = _detector(detector, max_keypoints, upright, _device(device))
     with _progress("detect") as cb:
         res = extract(imgs, output, None, det, resize_max, overwrite, strict, progress=cb)
@@ -364,6 +367,7 @@ def extract_cmd(
     from .images import list_images, parse_max_pixels
 
     imgs = list_images(images, parse_max_pixels(max_pixels))
+    _refuse_list_file(output, images)
     detector, describer = _setup(
         method,
         weights,
@@ -382,6 +386,15 @@ def extract_cmd(
             imgs, output, describer, detector, resize_max, overwrite, strict, half=half, progress=cb
         )
     _extract_summary(res, describe=True)
+
+
+def _refuse_list_file(output: Path, images: str) -> None:
+    """The output must not be the text file that lists the images (extract refuses an
+    output that is one of the images itself)."""
+    from .outputs import refuse_inputs
+
+    if Path(images).is_file():
+        refuse_inputs(output, (images,), "features file")
 
 
 def _looks_like_image(p: str) -> bool:
@@ -442,6 +455,12 @@ def match_cmd(
     """
     ratio_v: float | None = None if ratio >= 1.0 else ratio
     if _looks_like_image(first) and _looks_like_image(second):
+        if viz is not None:  # before any work: an extension OpenCV writes, a writable place
+            from .export.viz import check_image_output
+            from .outputs import refuse_inputs
+
+            check_image_output(viz)
+            refuse_inputs(viz, (first, second), "--viz picture")
         _match_two(
             Path(first),
             Path(second),
@@ -469,6 +488,7 @@ def match_cmd(
 
     if viz is not None:
         raise DescmatchError("--viz applies to two-image mode (descmatch match A.jpg B.jpg)")
+    pairs_file = (Path(pairs),) if Path(pairs).is_file() else ()
     with Reader(first, "features") as r:
         names = sorted(r.keys)
     pair_list = pairs_for(pairs, names, first)
@@ -483,6 +503,7 @@ def match_cmd(
             overwrite,
             pairs_out,
             progress=cb,
+            inputs=pairs_file,
         )
     mean = res.matches_total / res.matched if res.matched else 0.0
     _say(
@@ -1190,7 +1211,7 @@ def examples_cmd(
     """Copy the example images that ship with descmatch (a synthetic scene, 3 views)."""
     from .examples import copy_examples
 
-    files = copy_examples(folder)
+    files = copy_examples(folder)  # OutputError: a file in the way, or not writable
     n = sum(1 for f in files if not f.name.startswith("H_"))
     _say(
         f"{folder}: {n} example images and {len(files) - n} homographies (H_1_i: view-1 "
@@ -1392,7 +1413,7 @@ def export_colmap_cmd(
 
 @contextmanager
 def _stage_progress() -> Iterator[Callable[[str, int, int, str], None]]:
-    if _state["quiet"]:
+    if _state["quiet"] or not err.is_terminal:
         yield lambda stage, i, n, name: None
         return
     bar = Progress(

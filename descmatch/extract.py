@@ -7,6 +7,7 @@ not kept waiting on I/O (OpenCV and torch release the GIL).
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -22,6 +23,7 @@ from .distributed import Dist, session
 from .errors import ImageReadError
 from .h5 import Shard, Writer, settings_json
 from .images import ImageList
+from .outputs import refuse_inputs
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +107,7 @@ def extract(
     extra_settings: dict[str, Any] | None = None,
     progress: Progress | None = None,
     prefetch: int = 2,
+    wait: bool = False,
 ) -> ExtractResult:
     """Detect (and describe unless ``describer`` is None) every image into ``out``.
 
@@ -114,8 +117,11 @@ def extract(
     rank 0 merges them into ``out`` at the end, and every rank returns the run's totals.
     ``prefetch`` images are read and detected ahead in a worker thread while the current one
     is described (0: one after the other, for measuring the overlap).
+    An output that is one of the images is refused before any work (OutputError); while
+    it writes, ``out`` is locked (``wait``: wait for another writer to finish).
     """
     out = Path(out)
+    _refuse_image_as_output(images, out)
     t0 = time.perf_counter()
     settings = {**detector.settings(), "resize_max": max_side, **(extra_settings or {})}
     if describer is not None and hasattr(describer, "mr_size"):
@@ -147,11 +153,20 @@ def extract(
             result,
             d,
             prefetch,
+            wait,
         )
         result.seconds = time.perf_counter() - t0
         if d.active:
             result = _combine(result, d.gather(result))
     return result
+
+
+def _refuse_image_as_output(images: ImageList, out: Path) -> None:
+    """OutputError when ``out`` is one of the images (compared by the file it resolves to,
+    among the images of the same file name: no stat of every image)."""
+    base = Path(os.path.realpath(out)).name
+    same = [images.path(n) for n in images.names if Path(n).name in (base, out.name)]
+    refuse_inputs(out, same, "features file")
 
 
 def _combine(mine: ExtractResult, parts: list[ExtractResult]) -> ExtractResult:
@@ -183,6 +198,7 @@ def _extract(
     result: ExtractResult,
     d: Dist,
     prefetch: int,
+    wait: bool,
 ) -> None:
     with Writer(
         out,
@@ -191,6 +207,7 @@ def _extract(
         overwrite=overwrite,
         must_match=("method", "descriptor_dim", "weights_sha256", "settings"),
         shard=Shard(d.rank, d.world_size, d.barrier),
+        wait=wait,
     ) as writer:
         pending = [n for n in images.names if n not in writer.done]
         result.skipped_existing = len(images.names) - len(pending)

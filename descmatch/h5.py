@@ -12,20 +12,26 @@ image root (``a/b.jpg`` is the nested group a -> b.jpg), holding
 File attributes: descmatch_schema, descmatch_kind="features", descmatch_version, method,
 descriptor_dim, weights, weights_sha256, settings (JSON: detector and patch settings).
 
-matches.h5 (hloc-compatible): one group per pair, key pair_key(name0, name1), holding
+matches.h5 (hloc-compatible): one group per pair, key pair_key(name0, name1) (hloc's), or
+escaped_pair_key(name0, name1) where hloc's key collides (see pairkeys.py), holding
     matches0           (N0,) int32   index into image 1's keypoints, or -1
     matching_scores0   (N0,) float32 similarity of the match (0 where unmatched)
+and the attributes name0, name1 (the two image names); find_pair looks a pair up.
 File attributes: descmatch_schema, descmatch_kind="matches", descmatch_version, features
 (source file name), method, settings (JSON: ratio, mutual).
 
 Writing: the output file is never modified in place. A run writes new groups into
 ``OUT.part`` (flushed and marked complete per group), and at the end (also on Ctrl-C) merges
 them into a copy of OUT that atomically replaces it. A killed run leaves OUT untouched and
-the .part file, whose complete groups the next run keeps.
+the .part file, whose complete groups the next run keeps. While it writes, a run holds the
+lock of OUT (lock.py): a second writer stops with an error naming the first, and part files
+are only ever resumed, merged or removed by the lock's holder. A merge that fails (a full
+disk) removes its temporary copy and keeps OUT and the part files as they were.
 """
 
 from __future__ import annotations
 
+import errno
 import glob
 import json
 import logging
@@ -41,17 +47,25 @@ import numpy as np
 
 from . import __version__
 from .errors import InputError, OutputError, SchemaError
+from .lock import OutputLock
+from .outputs import check_writable
+from .pairkeys import Pair, escaped_pair_key, pair_key, parse_escaped_key
+
+__all__ = [
+    "Reader",
+    "Shard",
+    "Writer",
+    "escaped_pair_key",
+    "find_pair",
+    "pair_key",
+    "stored_pairs",
+]
 
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 _COMPLETE = "_descmatch_complete"
 _LEAF = {"features": "keypoints", "matches": "matches0"}
-
-
-def pair_key(name0: str, name1: str) -> str:
-    """hloc's pair naming: slashes in image names become dashes."""
-    return name0.replace("/", "-") + "/" + name1.replace("/", "-")
 
 
 def _open(path: Path, mode: str) -> h5py.File:
@@ -66,6 +80,50 @@ def _open(path: Path, mode: str) -> h5py.File:
 def _short(e: Exception) -> str:
     msg = str(e).splitlines()[0] if str(e) else type(e).__name__
     return msg.split("(")[0].strip() or msg
+
+
+def _why(e: BaseException) -> str:
+    """An OS or HDF5 write error in a few words (h5py hides errno in its message)."""
+    code = getattr(e, "errno", None)
+    if code:
+        return os.strerror(code)
+    text = str(e)
+    for code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS):
+        if f"errno = {code}," in text or f"[Errno {code}]" in text:
+            return os.strerror(code)
+    return _short(e) if isinstance(e, Exception) else type(e).__name__
+
+
+def _owner(g: h5py.Group) -> Pair | None:
+    """The image names a pair group records (None: not recorded, e.g. written by hloc)."""
+    n0, n1 = g.attrs.get("name0"), g.attrs.get("name1")
+    if n0 is None or n1 is None:
+        return None
+    return (
+        n0.decode() if isinstance(n0, bytes) else str(n0),
+        n1.decode() if isinstance(n1, bytes) else str(n1),
+    )
+
+
+def _clear(g: h5py.Group) -> None:
+    """Empty a leaf group of its datasets and attributes; subgroups stay (an escaped pair
+    key may also be the first level of hloc keys)."""
+    for name in [n for n in g if isinstance(g[n], h5py.Dataset)]:
+        del g[name]
+    for name in list(g.attrs):
+        del g.attrs[name]
+
+
+def _put(src: h5py.Group, dst: h5py.File, key: str) -> None:
+    """Copy the leaf group ``src`` to ``dst[key]`` (its datasets and attributes)."""
+    g = dst.require_group(key)
+    _clear(g)
+    for name in src:
+        if isinstance(src[name], h5py.Dataset):
+            src.copy(src[name], g, name=name)
+    for k, v in src.attrs.items():
+        if k != _COMPLETE:
+            g.attrs[k] = v
 
 
 def _leaf_keys(f: h5py.Group, kind: str, complete_only: bool = False) -> list[str]:
@@ -133,7 +191,9 @@ class Writer:
 
     ``attrs`` are the file attributes of this run; ``must_match`` names those an existing
     file must share (e.g. method and descriptor_dim), otherwise SchemaError.
-    Use as a context manager; ``done`` holds the keys that need no work.
+    Use as a context manager; ``done`` holds the keys that need no work, ``owners`` (matches
+    files) the image names each stored pair group records. The output is locked from here
+    to the end of the merge; ``wait`` waits for another writer instead of stopping.
     """
 
     def __init__(
@@ -144,6 +204,7 @@ class Writer:
         must_match: Iterable[str] = (),
         overwrite: bool = False,
         shard: Shard | None = None,
+        wait: bool = False,
     ) -> None:
         self.path = Path(path)
         self.kind = kind
@@ -158,10 +219,17 @@ class Writer:
         self.shard = shard if shard is not None else Shard()
         self.part_path = part_path(self.path, self.shard.rank)
         self.done: set[str] = set()
+        self.owners: dict[str, Pair | None] = {}
         self.new_keys: list[str] = []
+        self.renames: dict[str, str] = {}
         self._part: h5py.File | None = None
         self._existing_keys: set[str] = set()
-        self._prepare()
+        self._lock = OutputLock(self.path, wait=wait)
+        try:
+            self._prepare()
+        except BaseException:
+            self._lock.release()
+            raise
 
     # -- setup -------------------------------------------------------------------------------
     def _check_same(self, where: Path, attrs: Mapping[str, Any]) -> None:
@@ -171,23 +239,27 @@ class Writer:
                 old = old.item()
             if old != new:
                 raise SchemaError(
-                    f"{where}: holds {key}={old!r} but this run makes {key}={new!r}; "
+                    f"{where}: holds {_difference(key, old, new)}; "
                     "write to another file or pass --overwrite"
                 )
 
     def _prepare(self) -> None:
-        parent = self.path.parent
-        if not parent.exists():
-            raise OutputError(f"{self.path}: folder {parent} does not exist")
-        if not os.access(parent, os.W_OK):
-            raise OutputError(f"{self.path}: folder {parent} is not writable")
-        if self.path.is_dir():
-            raise OutputError(f"{self.path}: is a folder, not a file")
+        check_writable(self.path)
+        if self.shard.rank == 0:
+            self._lock.acquire()  # before any rank looks at a part file
+            if self._lock.previous and leftover_parts(self.path):
+                log.info(
+                    "%s: part files of an interrupted run (%s, no longer running)",
+                    self.path,
+                    self._lock.previous,
+                )
+        if self.shard.world_size > 1:
+            self.shard.barrier()
         if self.path.exists() and not self.overwrite:
             with _open(self.path, "r") as f:
                 attrs = _check_attrs(self.path, f, self.kind)
                 self._check_same(self.path, attrs)
-                self._existing_keys = set(_leaf_keys(f, self.kind))
+                self._existing_keys = set(self._read_keys(f))
         if self.overwrite:
             if self.shard.rank == 0:
                 for p in leftover_parts(self.path):
@@ -204,16 +276,25 @@ class Writer:
                 self._recover_part()
         self.done = set(self._existing_keys)
 
+    def _read_keys(self, f: h5py.File, complete_only: bool = False) -> list[str]:
+        keys = _leaf_keys(f, self.kind, complete_only)
+        if self.kind == "matches":
+            for k in keys:
+                self.owners[k] = _owner(f[k])
+        return keys
+
     def _complete_keys(self, part: Path) -> set[str]:
-        """Complete entries of a leftover part file, read-only (another process owns it)."""
+        """Complete entries of a leftover part file, read-only (another rank owns it)."""
         try:
             f = h5py.File(part, "r")
         except OSError:
             log.warning("%s: unreadable leftover of an interrupted run, ignored", part)
             return set()
         with f:
+            if not _leaf_keys(f, self.kind, complete_only=True):  # nothing to keep (it may
+                return set()  # have been cut short before its attributes were written)
             self._check_same(part, _check_attrs(part, f, self.kind))
-            return set(_leaf_keys(f, self.kind, complete_only=True))
+            return set(self._read_keys(f, complete_only=True))
 
     def _recover_part(self) -> None:
         try:
@@ -222,12 +303,18 @@ class Writer:
             log.warning("%s: unreadable leftover of an interrupted run, discarded", self.part_path)
             self.part_path.unlink()
             return
+        if not _leaf_keys(f, self.kind, complete_only=True):  # nothing to keep (it may have
+            f.close()  # been cut short before its attributes were written)
+            log.warning("%s: empty leftover of an interrupted run, discarded", self.part_path)
+            self.part_path.unlink()
+            return
         try:
             attrs = _check_attrs(self.part_path, f, self.kind)
             self._check_same(self.part_path, attrs)
             complete = set(_leaf_keys(f, self.kind, complete_only=True))
             for key in set(_leaf_keys(f, self.kind)) - complete:
-                del f[key]
+                _clear(f[key])
+            self._read_keys(f, complete_only=True)
             self.new_keys = sorted(complete - self._existing_keys)
             self._part = f
             log.info(
@@ -248,45 +335,79 @@ class Writer:
                 self._part.attrs[k] = v
         return self._part
 
-    def write(self, key: str, datasets: Mapping[str, np.ndarray]) -> None:
-        """Write one group and flush; the group counts only once it is marked complete."""
+    def write(
+        self,
+        key: str,
+        datasets: Mapping[str, np.ndarray],
+        attrs: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Write one group and flush; the group counts only once it is marked complete.
+
+        A write that fails (a full disk) is an OutputError; the groups written before it are
+        kept in the part file."""
         f = self._part_file()
-        if key in f:
-            del f[key]
-        g = f.create_group(key)
-        for name, arr in datasets.items():
-            g.create_dataset(name, data=arr)
-        g.attrs[_COMPLETE] = True
-        f.flush()
+        g = None
+        try:
+            g = f.require_group(key)
+            _clear(g)
+            for name, arr in datasets.items():
+                g.create_dataset(name, data=arr)
+            for k, v in (attrs or {}).items():
+                g.attrs[k] = v
+            g.attrs[_COMPLETE] = True
+            f.flush()
+        except (OSError, RuntimeError) as e:
+            try:  # the entry is not complete: it must not be merged
+                if g is not None and _COMPLETE in g.attrs:
+                    del g.attrs[_COMPLETE]
+            except (OSError, RuntimeError):
+                pass
+            raise OutputError(
+                f"{self.part_path}: cannot write ({_why(e)}); the entries written before "
+                "are kept there: free space and run the same command to resume"
+            ) from None
         self.new_keys.append(key)
         self.done.add(key)
 
+    def rename(self, old: str, new: str) -> None:
+        """Move a stored group to another key at the merge (a pair whose hloc key now
+        collides)."""
+        self.renames[old] = new
+        self.done.add(new)
+
     # -- finishing ---------------------------------------------------------------------------
     def close(self) -> None:
-        """Merge the new groups into the output, atomically replacing it.
+        """Merge the new groups into the output, atomically replacing it, and unlock it.
 
         With several processes (``shard``), each closes its own part file, and after a
         barrier rank 0 merges every part into the output while the others wait.
         """
-        if self._part is not None:
-            part, self._part = self._part, None
-            part.close()
-        self.shard.barrier()
-        if self.shard.rank == 0:
-            self._merge()
-        self.shard.barrier()
+        try:
+            if self._part is not None:
+                part, self._part = self._part, None
+                part.close()
+            self.shard.barrier()
+            if self.shard.rank == 0:
+                self._merge()
+            self.shard.barrier()
+        finally:
+            self._lock.release()
 
     def _merge(self) -> None:
         parts = leftover_parts(self.path)
-        if not parts:
+        if not parts and not self.renames:
             return
         sources: list[tuple[Path, list[str]]] = []
         for p in parts:
             keys = sorted(self._complete_keys(p))
             if keys:
                 sources.append((p, keys))
-        if sources or self.overwrite or not self.path.exists():
-            tmp = self.path.with_name(self.path.name + ".tmp")
+        if not (sources or self.renames or self.overwrite or not self.path.exists()):
+            for p in parts:
+                p.unlink(missing_ok=True)
+            return
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        try:
             if self.path.exists() and not self.overwrite:
                 shutil.copyfile(self.path, tmp)
                 out = _open(tmp, "a")
@@ -295,22 +416,30 @@ class Writer:
             try:
                 for k, v in self.attrs.items():
                     out.attrs[k] = v
+                for old, new in self.renames.items():
+                    if old in out and _LEAF[self.kind] in out[old]:
+                        _put(out[old], out, new)
+                        _remove(out, old)
                 for p, keys in sources:
                     with h5py.File(p, "r") as part:
                         for key in keys:
-                            if key in out:
-                                del out[key]
-                            parent = key.rsplit("/", 1)[0] if "/" in key else None
-                            if parent:
-                                out.require_group(parent)
-                            part.copy(part[key], out, name=key)
-                            del out[key].attrs[_COMPLETE]
+                            _put(part[key], out, self.renames.get(key, key))
                 out.flush()
             finally:
                 out.close()
             with open(tmp, "rb") as fh:
                 os.fsync(fh.fileno())
             os.replace(tmp, self.path)
+        except BaseException as e:
+            tmp.unlink(missing_ok=True)
+            if isinstance(e, (OSError, RuntimeError)) and not isinstance(e, OutputError):
+                kept = ", ".join(p.name for p in parts) or "nothing new"
+                raise OutputError(
+                    f"{self.path}: cannot write the merged output ({_why(e)}); it is left as "
+                    f"it was and the new work is kept in {kept}: free space and run the same "
+                    "command to finish"
+                ) from None
+            raise
         for p in parts:
             p.unlink(missing_ok=True)
 
@@ -326,8 +455,36 @@ class Writer:
             if self._part is not None:
                 self._part.close()
                 self._part = None
+            self._lock.release()
             return
         self.close()
+
+
+def _remove(f: h5py.File, key: str) -> None:
+    """Delete a leaf group's data (the group too when nothing else is in it), then the
+    parent groups it leaves empty."""
+    g = f[key]
+    _clear(g)
+    while key and len(f[key]) == 0 and not f[key].attrs:
+        del f[key]
+        key = key.rsplit("/", 1)[0] if "/" in key else ""
+
+
+def _difference(key: str, old: Any, new: Any) -> str:
+    """What differs between a file's attribute and this run's, naming the settings that do."""
+    if key == "settings":
+        try:
+            a, b = json.loads(old), json.loads(new)
+        except (TypeError, ValueError):
+            a = b = None
+        if isinstance(a, dict) and isinstance(b, dict):
+            diff = [
+                f"{k}={a.get(k, '(none)')!r} (this run: {b.get(k, '(none)')!r})"
+                for k in sorted(set(a) | set(b))
+                if a.get(k, "(none)") != b.get(k, "(none)")
+            ]
+            return "other settings: " + ", ".join(diff)
+    return f"{key}={old!r} but this run makes {key}={new!r}"
 
 
 # -- reading ---------------------------------------------------------------------------------
@@ -354,6 +511,10 @@ class Reader:
     def __contains__(self, key: str) -> bool:
         return key in self._f and _LEAF[self.kind] in self._f[key]
 
+    def owner(self, key: str) -> Pair | None:
+        """The image names a stored pair records (matches files), None when it does not."""
+        return _owner(self._f[key]) if key in self else None
+
     def read(self, key: str) -> dict[str, np.ndarray]:
         if key not in self:
             raise InputError(f"{self.path}: has no entry {key!r}")
@@ -375,14 +536,65 @@ def read_features(path: str | Path, name: str) -> dict[str, np.ndarray]:
         return r.read(name)
 
 
+def find_pair(r: Reader, name0: str, name1: str) -> tuple[str, bool] | None:
+    """The key of a pair in a matches file and whether it is stored the other way round
+    (then ``matches0`` indexes name1's keypoints); None when the file does not hold it.
+
+    The escaped key first, then hloc's key when its group names this pair or no pair (a file
+    written by hloc): an hloc key that names another pair is that pair's."""
+    orders = ((name0, name1, False), (name1, name0, True))
+    for a, b, swapped in orders:
+        key = escaped_pair_key(a, b)
+        if key in r:
+            return key, swapped
+    for a, b, swapped in orders:
+        key = pair_key(a, b)
+        if key in r and r.owner(key) in (None, (a, b)):
+            return key, swapped
+    return None
+
+
+def stored_pairs(r: Reader, names: Iterable[str]) -> tuple[list[tuple[str, str, str]], int]:
+    """(key, name0, name1) of every stored pair between ``names`` (name0: the image whose
+    keypoints ``matches0`` indexes), and how many stored pairs are not between them.
+
+    An escaped key and a group that records its names say which pair they are; a bare hloc
+    key (a file of hloc) is read back through the names, and is an InputError when two of
+    the names share its dashed form."""
+    dashed: dict[str, list[str]] = {}
+    for n in names:
+        dashed.setdefault(n.replace("/", "-"), []).append(n)
+    known = {n for group in dashed.values() for n in group}
+    found: list[tuple[str, str, str]] = []
+    skipped = 0
+    for key in sorted(r.keys):
+        pair = parse_escaped_key(key) or r.owner(key)
+        if pair is None and key.count("/") == 1:
+            parts = [dashed.get(p, []) for p in key.split("/")]
+            for group in parts:
+                if len(group) > 1:
+                    raise InputError(
+                        f"{r.path}: pair {key} may be {' or '.join(group)} (hloc's key replaces "
+                        "'/' by '-' and the file does not record the names); match again "
+                        "with descmatch"
+                    )
+            if all(parts):
+                pair = (parts[0][0], parts[1][0])
+        if pair is None or pair[0] == pair[1] or not set(pair) <= known:
+            skipped += 1
+        else:
+            found.append((key, pair[0], pair[1]))
+    return found, skipped
+
+
 def read_matches(path: str | Path, name0: str, name1: str) -> tuple[np.ndarray, np.ndarray]:
     """Matches of a pair as (matches0, matching_scores0), indexing name0's keypoints."""
     with Reader(path, "matches") as r:
-        key = pair_key(name0, name1)
-        if key not in r:
-            hint = " (stored the other way round)" if pair_key(name1, name0) in r else ""
+        found = find_pair(r, name0, name1)
+        if found is None or found[1]:
+            hint = " (stored the other way round)" if found is not None else ""
             raise InputError(f"{path}: has no matches for {name0} {name1}{hint}")
-        d = r.read(key)
+        d = r.read(found[0])
         return d["matches0"], d["matching_scores0"]
 
 

@@ -20,7 +20,9 @@ import torch
 
 from .distributed import session
 from .errors import InputError
-from .h5 import Reader, Shard, Writer, pair_key, settings_json
+from .h5 import Reader, Shard, Writer, settings_json
+from .outputs import check_writable, refuse_inputs
+from .pairkeys import plan_keys
 from .pairs import write_pairs
 
 log = logging.getLogger(__name__)
@@ -576,9 +578,15 @@ def match(
     overwrite: bool = False,
     pairs_out: str | Path | None = None,
     progress: Callable[[int, int, str], None] | None = None,
+    inputs: tuple[str | Path, ...] = (),
+    wait: bool = False,
 ) -> MatchResult:
     """Match every pair of images of a features file into a matches file (resumable).
 
+    Each pair is stored under hloc's key, or under an escaped key where hloc's collides
+    (see pairkeys.py). Before any work, OutputError when ``out`` or the pairs file is the
+    features file or one of ``inputs`` (e.g. the pairs file read), or cannot be written;
+    while it writes, ``out`` is locked (``wait``: wait for another writer to finish).
     Under ``torchrun`` with several processes each matches every N-th pair still to do into
     its own part file, rank 0 merges them into ``out`` and writes the pairs file, and every
     rank returns the run's totals.
@@ -587,6 +595,11 @@ def match(
     out = Path(out)
     device = torch.device(device)
     t0 = time.perf_counter()
+    if pairs_out is None:
+        pairs_out = out.with_name(out.stem + "-pairs.txt")
+    refuse_inputs(out, (features, *inputs), "matches file")
+    refuse_inputs(pairs_out, (features, out, *inputs), "pairs file to write")
+    check_writable(pairs_out, "pairs file")
     with Reader(features, "features") as reader:
         if int(reader.attrs.get("descriptor_dim", 0)) <= 0:
             raise InputError(f"{features}: holds keypoints only (made by detect); run extract")
@@ -612,13 +625,22 @@ def match(
                 must_match=("method", "settings"),
                 overwrite=overwrite,
                 shard=Shard(d.rank, d.world_size, d.barrier),
+                wait=wait,
             ) as writer,
         ):
-            pending = [
-                (a, b)
-                for a, b in pairs
-                if pair_key(a, b) not in writer.done and pair_key(b, a) not in writer.done
-            ]
+            plan = plan_keys(pairs, {k: writer.owners.get(k) for k in writer.done})
+            for old, new in plan.renames.items():
+                log.info("%s: %s moves to %s (its hloc key collides)", out, old, new)
+                writer.rename(old, new)
+            collide = sum(1 for p, k in plan.keys.items() if "/" not in k)
+            if collide:
+                log.warning(
+                    "%s: %d pair(s) whose hloc keys collide (image names that differ only by "
+                    "'/' and '-') are stored under escaped keys",
+                    out,
+                    collide,
+                )
+            pending = [p for p in pairs if p not in plan.done]
             result.skipped = len(pairs) - len(pending)
             todo = d.shard(pending)
             if d.active:
@@ -626,14 +648,18 @@ def match(
                     "rank %d of %d: %d of %d pairs", d.rank, d.world_size, len(todo), len(pending)
                 )
             for i, (a, b) in enumerate(todo):
-                key = pair_key(a, b)
+                key = plan.keys[(a, b)]
                 m, s = match_descriptors(cache.get(a), cache.get(b), ratio, mutual)
                 m_np = m.to(torch.int32).cpu().numpy()
-                writer.write(key, {"matches0": m_np, "matching_scores0": s.cpu().numpy()})
-                n = int((m_np >= 0).sum())
+                writer.write(
+                    key,
+                    {"matches0": m_np, "matching_scores0": s.cpu().numpy()},
+                    {"name0": a, "name1": b},
+                )
+                count = int((m_np >= 0).sum())
                 result.matched += 1
-                result.matches_total += n
-                result.per_pair.append((a, b, n))
+                result.matches_total += count
+                result.per_pair.append((a, b, count))
                 if progress:
                     progress(i + 1, len(todo), key)
             if d.active:
@@ -642,8 +668,6 @@ def match(
                 result.matches_total = sum(r.matches_total for r in ranks)
                 result.per_pair = [p for r in ranks for p in r.per_pair]
     result.pairs = len(pairs)
-    if pairs_out is None:
-        pairs_out = out.with_name(out.stem + "-pairs.txt")
     if d.main:
         result.pairs_path = write_pairs(pairs_out, pairs)
     else:

@@ -10,8 +10,14 @@
 
 Every stage resumes from its files: extract and match complete what is missing, pairs are
 kept while they were made by the same spec over the same images, and the database and the
-model are rebuilt only when an earlier stage changed their input (or when missing).
-A run that registers no model raises ReconstructionError and keeps every file made so far.
+model are kept only while they were built from the very files there now: database.json
+records the settings and a fingerprint of features.h5 and matches.h5 (their image and pair
+names, sizes and modification times), model.json the database's; each record is removed
+before its stage starts and written when it ends, so a run killed at any point rebuilds
+what it left stale. A run that registers no model raises ReconstructionError and keeps
+every file made so far. The folder is locked while a run works in it (OUT/sfm.lock), and
+pycolmap's own SIGINT/SIGTERM handlers are replaced by descmatch's around its calls, so a
+signal stops the run with its finished work saved.
 """
 
 from __future__ import annotations
@@ -38,10 +44,13 @@ from .export.colmap import (
     require_pycolmap,
 )
 from .extract import extract
-from .h5 import Reader, pair_key
+from .h5 import Reader, find_pair
 from .images import ImageList
+from .lock import OutputLock
 from .match import DEFAULT_RATIO, match
+from .outputs import check_folder
 from .pairs import pairs_comment, pairs_for, read_pairs, write_pairs_commented
+from .signals import descmatch_signals
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +126,32 @@ def _names_digest(names: list[str]) -> str:
     return hashlib.sha1("\n".join(names).encode()).hexdigest()[:12]
 
 
+def _fingerprint(files: list[Path], names: list[str], pairs: list[tuple[str, str]]) -> str:
+    """What a database is built from: the image and pair names and each file's size and
+    modification time (descmatch replaces a file it changes, so any change shows)."""
+    h = hashlib.sha256()
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.name} {st.st_size} {st.st_mtime_ns} {st.st_ino}\n".encode())
+    h.update("\n".join(names).encode() + b"\0")
+    h.update("\n".join(f"{a}\t{b}" for a, b in pairs).encode())
+    return h.hexdigest()
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_json(path: Path, value: Any) -> None:
+    """Write a record atomically (a half-written record must not look valid)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, sort_keys=True) + "\n")
+    tmp.replace(path)
+
+
 def run_sfm(
     images: ImageList,
     out_dir: str | Path,
@@ -135,8 +170,14 @@ def run_sfm(
     stage. Raises ReconstructionError when no model is registered (files kept).
     """
     cfg = config or SfmConfig()
-    pycolmap = require_pycolmap()
-    with colmap_logging(pycolmap, cfg.colmap_log):
+    out_dir = Path(out_dir)
+    with descmatch_signals():
+        pycolmap = require_pycolmap()
+    check_folder(out_dir)
+    with (
+        OutputLock(out_dir / "sfm", name=str(out_dir)),
+        colmap_logging(pycolmap, cfg.colmap_log),
+    ):
         return _run(
             pycolmap, images, out_dir, detector, describer, cfg, cameras, progress, on_stage
         )
@@ -154,9 +195,6 @@ def _run(
     on_stage: Callable[[Stage], None] | None,
 ) -> SfmResult:
     out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise InputError(f"{out_dir}: is a file, not a folder")
-    out_dir.mkdir(parents=True, exist_ok=True)
     result = SfmResult(out_dir)
     feats = out_dir / "features.h5"
     pairs_path = out_dir / "pairs.txt"
@@ -225,10 +263,7 @@ def _run(
     todo = len(pair_list)
     if matches_path.is_file() and not cfg.overwrite:
         with Reader(matches_path, "matches") as r:
-            keys = set(r.keys)
-        todo = sum(
-            1 for a, b in pair_list if pair_key(a, b) not in keys and pair_key(b, a) not in keys
-        )
+            todo = sum(1 for a, b in pair_list if find_pair(r, a, b) is None)
     if todo == 0:
         done(
             Stage("match", time.perf_counter() - t, True, f"{len(pair_list)} pairs already matched")
@@ -258,12 +293,14 @@ def _run(
 
     # -- export ----------------------------------------------------------------------------
     t = time.perf_counter()
-    settings_file = out_dir / "database.json"  # how the database was made
-    settings = {"camera_mode": cfg.camera_mode, "verify": cfg.verify, "seed": cfg.seed}
-    try:
-        same = json.loads(settings_file.read_text()) == settings
-    except (OSError, ValueError):
-        same = False
+    settings_file = out_dir / "database.json"  # how the database was made, and from what
+    settings = {
+        "camera_mode": cfg.camera_mode,
+        "verify": cfg.verify,
+        "seed": cfg.seed,
+        "inputs": _fingerprint([feats, matches_path], names, pair_list),
+    }
+    same = _read_json(settings_file) == settings
     if database.is_file() and same and not dirty and not cfg.overwrite:
         verified = _verified_pairs(database)
         done(
@@ -272,21 +309,23 @@ def _run(
             )
         )
     else:
-        xres: ColmapExportResult = export_colmap(
-            feats,
-            matches_path,
-            images.subset(names),
-            database,
-            cfg.camera_mode,
-            verify=cfg.verify,
-            overwrite=True,
-            num_threads=cfg.num_threads,
-            seed=cfg.seed,
-            pairs=pair_list,
-            progress=prog("export"),
-            colmap_log=cfg.colmap_log,
-        )
-        settings_file.write_text(json.dumps(settings) + "\n")
+        settings_file.unlink(missing_ok=True)  # the database is stale from here on
+        with descmatch_signals():
+            xres: ColmapExportResult = export_colmap(
+                feats,
+                matches_path,
+                images.subset(names),
+                database,
+                cfg.camera_mode,
+                verify=cfg.verify,
+                overwrite=True,
+                num_threads=cfg.num_threads,
+                seed=cfg.seed,
+                pairs=pair_list,
+                progress=prog("export"),
+                colmap_log=cfg.colmap_log,
+            )
+        _write_json(settings_file, settings)
         dirty = True
         verified = xres.verified_pairs
         done(
@@ -302,12 +341,22 @@ def _run(
     # -- mapping ---------------------------------------------------------------------------
     t = time.perf_counter()
     model0 = sparse / "0"
-    if _model_done(model0) and not dirty and not cfg.overwrite:
+    model_file = out_dir / "model.json"  # what the model was made from
+    model_made = {
+        "database": hashlib.sha256(settings_file.read_bytes()).hexdigest(),
+        "min_model_size": cfg.min_model_size,
+        "seed": cfg.seed,
+    }
+    kept = _read_json(model_file) == model_made
+    if _model_done(model0) and kept and not dirty and not cfg.overwrite:
         recs = [pycolmap.Reconstruction(str(model0))]
         result.models = sum(1 for p in sparse.iterdir() if p.is_dir() and _model_done(p))
         done(Stage("mapping", time.perf_counter() - t, True, "model kept"))
     else:
-        recs = _map(pycolmap, database, images.root, sparse, cfg, len(names))
+        model_file.unlink(missing_ok=True)
+        with descmatch_signals():
+            recs = _map(pycolmap, database, images.root, sparse, cfg, len(names))
+        _write_json(model_file, model_made)
         if not recs:
             done(Stage("mapping", time.perf_counter() - t, False, "no model"))
             raise ReconstructionError(

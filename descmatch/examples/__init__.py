@@ -125,11 +125,24 @@ def example_dir() -> Path:
 
 
 def copy_examples(folder: str | Path) -> list[Path]:
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    """Copy the example files into ``folder`` (made if needed). OutputError, before anything
+    is copied, when ``folder`` is a file or cannot be written, or holds another file of an
+    example's name (never replaced)."""
+    from ..errors import OutputError
+    from ..outputs import check_folder
+
+    folder = check_folder(folder)
+    names = NAMES + HOMOGRAPHIES
+    for name in names:
+        dst, src = folder / name, example_dir() / name
+        if dst.is_dir() or (dst.exists() and dst.read_bytes() != src.read_bytes()):
+            raise OutputError(f"{dst}: exists and is not the example file; not replaced")
     files = []
-    for name in NAMES + HOMOGRAPHIES:
-        shutil.copyfile(example_dir() / name, folder / name)
+    for name in names:
+        try:
+            shutil.copyfile(example_dir() / name, folder / name)
+        except OSError as e:
+            raise OutputError(f"{folder / name}: cannot write ({e.strerror or e})") from None
         files.append(folder / name)
     return files
 

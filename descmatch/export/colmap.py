@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError, MissingDependencyError, OutputError
-from ..h5 import Reader, pair_key
+from ..h5 import Reader, find_pair, stored_pairs
 from ..images import ImageList
 from .colmap3 import write_colmap3
 
@@ -70,8 +70,11 @@ def colmap_logging(pycolmap: ModuleType, verbose: bool) -> Iterator[None]:
 
 def require_pycolmap() -> ModuleType:
     """Import pycolmap, or a one-line error telling how to install it."""
+    from ..signals import descmatch_signals
+
     try:
-        import pycolmap
+        with descmatch_signals():  # importing pycolmap replaces the SIGTERM handler
+            import pycolmap
     except ImportError:
         raise MissingDependencyError(
             "pycolmap is not installed: pip install 'descmatch[sfm]'"
@@ -145,49 +148,25 @@ def _listing(names: list[str], limit: int = 5) -> str:
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def _pair_lookup(names: list[str], path: Path) -> dict[str, str]:
-    """hloc pair keys hold names with '/' replaced by '-': map those back to image names."""
-    lookup: dict[str, str] = {}
-    for n in names:
-        dashed = n.replace("/", "-")
-        if dashed in lookup and lookup[dashed] != n:
-            raise InputError(
-                f"{path}: image names {lookup[dashed]} and {n} have the same "
-                "pair key (hloc replaces '/' by '-'); rename one"
-            )
-        lookup[dashed] = n
-    return lookup
-
-
 def _pairs_to_export(
     mr: Reader, names: list[str], pairs: list[tuple[str, str]] | None, result: ColmapExportResult
 ) -> list[tuple[str, str, str]]:
     """(key, name0, name1) of the stored pairs to export, name0 being the image whose
-    keypoints ``matches0`` indexes."""
-    todo = []
-    if pairs is not None:
-        known = set(names)
-        for a, b in pairs:
-            if a not in known or b not in known:
-                raise InputError(f"pair {a} {b}: names an image that is not exported")
-            if pair_key(a, b) in mr:
-                todo.append((pair_key(a, b), a, b))
-            elif pair_key(b, a) in mr:
-                todo.append((pair_key(b, a), b, a))
-            else:
-                raise InputError(
-                    f"{mr.path}: has no matches for {a} {b} (run descmatch match with these pairs)"
-                )
+    keypoints ``matches0`` indexes (pair keys: see descmatch.pairkeys)."""
+    if pairs is None:
+        todo, result.skipped_pairs = stored_pairs(mr, names)
         return todo
-    lookup = _pair_lookup(names, mr.path)
-    for key in sorted(mr.keys):
-        parts = key.split("/")
-        n0 = lookup.get(parts[0]) if len(parts) == 2 else None
-        n1 = lookup.get(parts[1]) if len(parts) == 2 else None
-        if n0 is None or n1 is None or n0 == n1:
-            result.skipped_pairs += 1
-        else:
-            todo.append((key, n0, n1))
+    todo = []
+    known = set(names)
+    for a, b in pairs:
+        if a not in known or b not in known:
+            raise InputError(f"pair {a} {b}: names an image that is not exported")
+        found = find_pair(mr, a, b)
+        if found is None:
+            raise InputError(
+                f"{mr.path}: has no matches for {a} {b} (run descmatch match with these pairs)"
+            )
+        todo.append((found[0], b, a) if found[1] else (found[0], a, b))
     return todo
 
 

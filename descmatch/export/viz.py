@@ -86,11 +86,26 @@ def draw_matches(
     return canvas
 
 
-def write_image(path: str | Path, img: np.ndarray) -> Path:
+def check_image_output(path: str | Path) -> None:
+    """OutputError, before any work, unless OpenCV can encode ``path``'s extension and a
+    file can be made there."""
+    from ..outputs import check_writable
+
     path = Path(path)
-    ok, buf = cv2.imencode(path.suffix or ".png", img)
+    if not path.suffix or not cv2.haveImageWriter(str(path)):
+        raise OutputError(f"{path}: not a picture format OpenCV writes (use .png or .jpg)")
+    check_writable(path, "picture")
+
+
+def write_image(path: str | Path, img: np.ndarray) -> Path:
+    """Encode and write a picture; OutputError (one line) when it cannot be."""
+    path = Path(path)
+    try:
+        ok, buf = cv2.imencode(path.suffix or ".png", img)
+    except cv2.error:
+        ok = False
     if not ok:
-        raise OutputError(f"{path}: cannot encode an image with this extension")
+        raise OutputError(f"{path}: cannot encode an image with this extension (use .png or .jpg)")
     try:
         path.write_bytes(buf.tobytes())
     except OSError as e:
