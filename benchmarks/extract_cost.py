@@ -48,21 +48,42 @@ from descmatch.weights import load_net, weights_dir
 
 PRECISIONS = ("fp32", "bf16", "int8")
 
-#: (label, extract options): the pipelines timed per image.
+#: (label, extract options): the pipelines timed per image. A pipeline that resolves to the
+#: same describer as one before it (e.g. the default) is timed once.
 PIPELINES: list[tuple[str, list[str]]] = [
     ("default", []),
-    ("default, int8", ["--precision", "int8"]),
     (
-        "sosnet-cs full (frames, size pool 0.7,1.4, auto precision)",
-        ["-m", "sosnet-cs", "--frames", "auto", "--size-pool", "0.7,1.4", "--precision", "auto"],
+        "sosnet-cs full, int8",
+        ["-m", "sosnet-cs", *["--frames", "auto", "--size-pool", "0.7,1.4"]]
+        + ["--precision", "int8"],
+    ),
+    (
+        "sosnet-cs full, bf16",
+        ["-m", "sosnet-cs", *["--frames", "auto", "--size-pool", "0.7,1.4"]]
+        + ["--precision", "bf16"],
     ),
     ("sosnet, no size pooling", ["-m", "sosnet", "--size-pool", "none"]),
     (
-        "sosnet, no size pooling, int8",
-        ["-m", "sosnet", "--size-pool", "none", "--precision", "int8"],
+        "sosnet, no size pooling, bf16",
+        ["-m", "sosnet", "--size-pool", "none", "--precision", "bf16"],
     ),
     ("rootsift", ["-m", "rootsift"]),
 ]
+
+
+def describer_key(opts: list[str]) -> tuple:
+    """What a pipeline's options resolve to: method, precision, weights, refiner, pooling."""
+    flags = {"-m": "auto", "--precision": "auto", "--frames": "auto", "--size-pool": "auto"}
+    flags.update(dict(zip(opts[::2], opts[1::2], strict=True)))
+    d = build_describer(
+        flags["-m"],
+        precision=flags["--precision"],
+        frames=flags["--frames"],
+        size_pool=flags["--size-pool"],
+    )
+    meta = tuple(sorted((k, str(v)) for k, v in d.meta.items()))
+    return (d.name, getattr(d, "precision", ""), meta)
+
 
 SIFT_CHILD = """
 import json, sys, time, cv2
@@ -266,25 +287,24 @@ def student_rows(first: Path, batch_size: int, tmp: Path) -> list[str]:
 
 
 def refiner_rows(paths: list[Path], k: int) -> list[str]:
-    """Seconds per image of the frame refiner (patch cutting included) per precision."""
+    """Seconds per image of the frame refiner (patch cutting included): fp32 (as the fp32
+    and bf16 pipelines run it), bf16 autocast (for comparison) and int8."""
     rows = []
     det = SiftDetector(max_keypoints=k)
-    items = [(read_image(p), None) for p in paths[:3]]
-    items = [(img, det(img)) for img, _ in items]
+    items = [(img, det(img)) for img in (read_image(p) for p in paths[:3])]
     for prec in PRECISIONS:
         if prec == "int8" and not onnxruntime_available():
             continue
-        d = build_describer("sosnet", precision=prec, size_pool="none")
+        d = build_describer("sosnet", precision="int8" if prec == "int8" else "fp32")
         assert isinstance(d, NetDescriber)
-        d.refine(*items[0])
-        t0 = time.perf_counter()
-        for img, kps in items:
-            if prec == "bf16":
-                with torch.autocast("cpu", dtype=torch.bfloat16):
-                    d.refine(img, kps)
-            else:
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=prec == "bf16")
+        with autocast:
+            d.refine(*items[0])
+            t0 = time.perf_counter()
+            for img, kps in items:
                 d.refine(img, kps)
-        rows.append(f"| refiner, {prec} | {(time.perf_counter() - t0) / len(items):.3f} |")
+        label = {"fp32": "fp32 (fp32 and bf16 pipelines)", "bf16": "bf16 autocast (unused)"}
+        rows.append(f"| {label.get(prec, prec)} | {(time.perf_counter() - t0) / len(items):.3f} |")
     return rows
 
 
@@ -322,22 +342,29 @@ def main() -> None:
         paths = prepare(args.images, (w, h), folder)
         pipes = [p for p in PIPELINES if args.pipelines is None or p[0] in args.pipelines]
         for k in [] if args.skip_extract else args.keypoints:
-            results = {
-                label: time_extract(folder, len(paths), o, k, args.threads, tmp)
-                for label, o in pipes
-            }
+            results: dict[str, dict] = {}
+            seen: dict[tuple, str] = {}
+            for label, o in pipes:
+                key = describer_key(o)
+                if key in seen:
+                    results[f"{label} (= {seen[key]})"] = results[seen[key]]
+                    continue
+                seen[key] = label
+                results[label] = time_extract(folder, len(paths), o, k, args.threads, tmp)
+                results[label]["precision"] = key[1]
             results["OpenCV SIFT detectAndCompute"] = time_sift(paths, k, args.threads)
             ref = results.get("rootsift", {}).get("per_image")
             table = [
                 f"## {k} keypoints: seconds per image",
                 "",
-                "| pipeline | s/image | x RootSIFT | process wall s | peak RSS MB |",
-                "|---|---:|---:|---:|---:|",
+                "| pipeline | precision | s/image | x RootSIFT | process wall s | peak RSS MB |",
+                "|---|---|---:|---:|---:|---:|",
             ]
             for label, r in results.items():
                 ratio = f"{r['per_image'] / ref:.2f}" if ref else "-"
                 table.append(
-                    f"| {label} | {r['per_image']:.3f} | {ratio} | {r['wall']:.1f} "
+                    f"| {label} | {r.get('precision') or '-'} | {r['per_image']:.3f} | {ratio} "
+                    f"| {r['wall']:.1f} "
                     f"| {r['rss_mb']:.0f} |"
                 )
             print("\n".join([*table, ""]), flush=True)

@@ -323,7 +323,7 @@ def resolve_size_pool(spec: str | None) -> tuple[float, ...]:
 
 
 #: ``--precision auto`` on the CPU runs int8 where it can (:func:`_int8_models`).
-AUTO_INT8 = False
+AUTO_INT8 = True
 
 
 def _int8_models(
@@ -382,8 +382,13 @@ def build_describer(
         if size_pool not in (None, "none", SIZE_POOL_AUTO):
             raise ConfigError(f"--size-pool does not apply to --method {method}")
         return SiftDescriber(root=method == "rootsift")
-    pool = resolve_size_pool(size_pool)
     loaded = load_net(method, weights)
+    # A net trained to describe the detector's frame alone (a distilled student) says so.
+    if loaded.meta.get("frames") == "none" and frames == FRAMES_AUTO:
+        frames = None
+    if loaded.meta.get("size_pool") == [1.0] and size_pool == SIZE_POOL_AUTO:
+        size_pool = None
+    pool = resolve_size_pool(size_pool)
     if mr_size is None:
         mr_size = float(loaded.meta.get("mr_size", DEFAULT_MR_SIZE))
     meta: dict[str, Any] = {"weights": loaded.path.name, "weights_sha256": loaded.sha256}

@@ -3,12 +3,14 @@ know which weights they belong to, and plug into the describer behind ``--precis
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from descmatch import describe
 from descmatch.describe import NetDescriber, build_describer, resolve_precision
 from descmatch.detect import SiftDetector
 from descmatch.errors import ConfigError, WeightsError
@@ -83,7 +85,9 @@ def test_int8_precision_is_cpu_only_and_needs_a_model() -> None:
     assert int8_path(Path("w/sosnet-cs.pt")) == Path("w/sosnet-cs.int8.onnx")
 
 
-def test_quantize_then_describe_in_int8(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_quantize_then_describe_in_int8(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     """``python -m descmatch.quantize`` calibrates a central-surround net and a frame refiner
     on training images; ``--precision int8`` then describes like fp32 and refines alike."""
     weights = tmp_path / "weights"
@@ -119,11 +123,24 @@ def test_quantize_then_describe_in_int8(tmp_path: Path, monkeypatch: pytest.Monk
     assert d8.shape == d32.shape == (len(kps), 256)
     assert (d8 * d32).sum(1).mean() > 0.98
 
-    # Weights trained again: the old int8 model no longer fits them.
+    # auto: int8 where the CPU has int8 dot products and both models are there.
+    monkeypatch.setattr(describe, "cpu_has_int8_dot", lambda: True)
+    assert build_describer("sosnet-cs").precision == "int8"  # type: ignore[attr-defined]
+    monkeypatch.setattr(describe, "cpu_has_int8_dot", lambda: False)
+    assert build_describer("sosnet-cs").precision != "int8"  # type: ignore[attr-defined]
+    monkeypatch.setattr(describe, "cpu_has_int8_dot", lambda: True)
+    no_refiner = build_describer("sosnet-cs", frames="none")
+    assert no_refiner.precision == "int8" and "frames_int8" not in no_refiner.meta  # type: ignore[attr-defined]
+
+    # Weights trained again: the old int8 model no longer fits them; auto says so and
+    # falls back, an explicit int8 is an error.
     torch.manual_seed(2)
     save_checkpoint(weights / "sosnet-cs.pt", build_net("sosnet-cs"), meta={})
     with pytest.raises(WeightsError, match="int8 model of other weights"):
         build_describer("sosnet-cs", precision="int8")
+    with caplog.at_level(logging.WARNING, logger="descmatch.describe"):
+        assert build_describer("sosnet-cs").precision != "int8"  # type: ignore[attr-defined]
+    assert "int8 model of other weights" in caplog.text
 
 
 @pytest.mark.parametrize("path", sorted(REPO_WEIGHTS.glob("*.int8.onnx")), ids=lambda p: p.name)
