@@ -182,21 +182,26 @@ def retrieval(
 
 
 def sequential_with_loops(
-    names: list[str], k: int, loop_closure: int, features: str | Path | None = None, seed: int = 0
+    names: list[str],
+    k: int,
+    loop_closure: int,
+    features: str | Path | None = None,
+    seed: int = 0,
+    words: int | None = None,
 ) -> list[tuple[str, str]]:
     """``sequential(names, k)`` plus, per image, its ``loop_closure`` most similar images
     outside its sequential window (retrieval on ``features``): loops back to places seen
     before in a video or an ordered capture."""
     import torch
 
-    from .retrieval import global_descriptors, nearest
+    from .retrieval import DEFAULT_WORDS, global_descriptors, nearest
 
     pairs = sequential(names, k)
     if loop_closure <= 0:
         return pairs
     if features is None:
         raise InputError("loop closure needs descriptors: pass a features.h5")
-    g = global_descriptors(features, names, seed=seed)
+    g = global_descriptors(features, names, words or DEFAULT_WORDS, seed=seed)
     n = len(names)
     i = torch.arange(n)
     window = (i[:, None] - i[None, :]).abs() <= k
@@ -206,10 +211,15 @@ def sequential_with_loops(
 
 
 def pairs_for(
-    spec: str, names: list[str], features: str | Path | None = None, seed: int = 0
+    spec: str,
+    names: list[str],
+    features: str | Path | None = None,
+    seed: int = 0,
+    words: int | None = None,
 ) -> list[tuple[str, str]]:
-    """``pairs_from_spec`` plus ``retrieval:K`` (and ``sequential:K+loops:N``) on the
-    descriptors of ``features``."""
+    """The pairs that ``spec`` names: ``exhaustive``, ``sequential:K``, a pairs file, or, on
+    the descriptors of ``features``, ``retrieval:K`` and ``sequential:K+loops:N`` (VLAD over
+    a codebook of ``words`` words learned with ``seed``)."""
     if spec.startswith("retrieval"):
         _, _, k = spec.partition(":")
         try:
@@ -218,7 +228,7 @@ def pairs_for(
             raise InputError(f"{spec}: expected retrieval:K with an integer K") from None
         if features is None:
             raise InputError(f"{spec}: retrieval needs a features.h5 with descriptors")
-        return retrieval(features, kk, names, seed=seed)
+        return retrieval(features, kk, names, words=words, seed=seed)
     if spec.startswith("sequential") and "+loops:" in spec:
         head, _, loops = spec.partition("+loops:")
         _, _, k = head.partition(":")
@@ -226,7 +236,7 @@ def pairs_for(
             kk, nn = int(k) if k else 5, int(loops)
         except ValueError:
             raise InputError(f"{spec}: expected sequential:K+loops:N with integers") from None
-        return sequential_with_loops(names, kk, nn, features, seed)
+        return sequential_with_loops(names, kk, nn, features, seed, words)
     return pairs_from_spec(spec, names)
 
 

@@ -52,7 +52,7 @@ def test_too_many_words_are_refused_at_once(
 ) -> None:
     t0 = time.perf_counter()
     code, out, err = call_main(
-        "pairs", str(example_features), str(tmp_path / "p.txt"), "--retrieval", "2",
+        "pairs", str(example_features), str(tmp_path / "p.txt"), "--pairs", "retrieval:2",
         "--words", "100000",
     )  # fmt: skip
     assert code == 2 and "--words" in err and "Traceback" not in err

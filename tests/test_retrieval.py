@@ -143,7 +143,7 @@ def test_pairs_helpers(tmp_path: Path) -> None:
 def test_pairs_command(two_groups: tuple[Path, Path], tmp_path: Path) -> None:
     imgs, feats = two_groups
     out = tmp_path / "pairs.txt"
-    res = runner.invoke(app, ["pairs", str(feats), str(out), "--retrieval", "3"])
+    res = runner.invoke(app, ["pairs", str(feats), str(out), "--pairs", "retrieval:3"])
     assert res.exit_code == 0, res.output
     pairs = read_pairs(out)
     assert len(pairs) == 12 and all(a[0] == b[0] for a, b in pairs)
@@ -152,17 +152,17 @@ def test_pairs_command(two_groups: tuple[Path, Path], tmp_path: Path) -> None:
     res = runner.invoke(app, ["pairs", str(imgs), str(out)])
     assert res.exit_code == 0, res.output
     assert len(read_pairs(out)) == 28
-    res = runner.invoke(app, ["pairs", str(imgs), str(out), "--sequential", "2"])
+    res = runner.invoke(app, ["pairs", str(imgs), str(out), "--pairs", "sequential:2"])
     assert res.exit_code == 0 and len(read_pairs(out)) == 13
     res = runner.invoke(
-        app, ["pairs", str(feats), str(out), "--sequential", "1", "--loop-closure", "1"]
+        app, ["pairs", str(feats), str(out), "--pairs", "sequential:1+loops:1"]
     )
     assert res.exit_code == 0 and len(read_pairs(out)) > 7
 
     for args, msg in (
-        (["--retrieval", "2"], "needs a features.h5"),
-        (["--exhaustive", "--retrieval", "2"], "choose one"),
-        (["--loop-closure", "2"], "goes with --sequential"),
+        (["--pairs", "retrieval:2"], "needs a features.h5"),
+        (["--pairs", "sequential:2+loops:1"], "needs a features.h5"),
+        (["--pairs", "sequential:x"], "sequential:K"),
     ):
         res = runner.invoke(app, ["pairs", str(imgs), str(out), *args])
         assert res.exit_code != 0 and isinstance(res.exception, InputError), args

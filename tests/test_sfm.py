@@ -152,7 +152,7 @@ def test_unregistrable_scene_fails_clearly_and_keeps_its_files(
                 "descmatch[sfm]",
             ],
         ),
-        (["pairs"], ["--exhaustive", "--sequential", "--loop-closure", "--retrieval", "64"]),
+        (["pairs"], ["--pairs", "sequential:K+loops:N", "retrieval:K", "--words", "64"]),
         (
             ["export", "colmap"],
             ["--camera-mode", "--descriptors", "--no-verify", "--overwrite", "descmatch[sfm]"],
