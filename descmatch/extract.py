@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from .describe import Describer
-from .detect import Keypoints, SiftDetector
+from .detect import Detector, Keypoints
 from .distributed import Dist, session
 from .errors import ImageReadError
 from .h5 import Shard, Writer, settings_json
@@ -62,7 +62,7 @@ class _Loaded:
     seconds: float = 0.0  # spent loading and detecting (in the prefetch thread)
 
 
-def _load(images: ImageList, name: str, detector: SiftDetector, max_side: int | None) -> _Loaded:
+def _load(images: ImageList, name: str, detector: Detector, max_side: int | None) -> _Loaded:
     t0 = time.perf_counter()
     try:
         img = images.read(name, max_side)  # judged by content, downscaled above max_pixels
@@ -75,7 +75,7 @@ def _load(images: ImageList, name: str, detector: SiftDetector, max_side: int | 
 def _prefetch(
     images: ImageList,
     names: list[str],
-    detector: SiftDetector,
+    detector: Detector,
     max_side: int | None,
     depth: int = 2,
 ) -> Iterator[_Loaded]:
@@ -99,7 +99,7 @@ def extract(
     images: ImageList,
     out: str | Path,
     describer: Describer | None,
-    detector: SiftDetector,
+    detector: Detector,
     max_side: int | None = None,
     overwrite: bool = False,
     strict: bool = False,
@@ -188,7 +188,7 @@ def _extract(
     images: ImageList,
     out: Path,
     describer: Describer | None,
-    detector: SiftDetector,
+    detector: Detector,
     max_side: int | None,
     overwrite: bool,
     strict: bool,
