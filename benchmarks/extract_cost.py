@@ -39,7 +39,7 @@ import torch
 from descmatch.describe import NetDescriber, build_describer, resolve_method
 from descmatch.detect import SiftDetector
 from descmatch.images import read_image
-from descmatch.int8 import Int8Net, int8_path, onnxruntime_available, quantize_net
+from descmatch.int8 import Int8Net, cpu_has_int8_dot, int8_path, onnxruntime_available, quantize_net
 from descmatch.nets import NETS, DescriptorNet
 from descmatch.nets.cost import count_macs
 from descmatch.nets.fold import fold_batchnorm
@@ -308,6 +308,17 @@ def refiner_rows(paths: list[Path], k: int) -> list[str]:
     return rows
 
 
+def cpu_name() -> str:
+    """The CPU's model name (Linux), else the platform's."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("images", nargs="+", type=Path, help="image files")
@@ -328,7 +339,8 @@ def main() -> None:
         f"# descmatch extract cost ({time.strftime('%Y-%m-%d %H:%M')})",
         "",
         f"- command: `python benchmarks/extract_cost.py {' '.join(sys.argv[1:])}`",
-        f"- machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"- machine: {cpu_name()}, {os.cpu_count()} CPUs (int8 dot product: "
+        f"{'yes' if cpu_has_int8_dot() else 'no'}), "
         f"{args.threads} threads; load average at start {os.getloadavg()[0]:.1f}",
         f"- torch {torch.__version__}, OpenCV {cv2.__version__}; default method: "
         f"{resolve_method('auto')}; {len(args.images)} images at {w}x{h}",
