@@ -43,35 +43,6 @@ def _loss_options(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def _given_options(ctx: typer.Context, names: tuple[str, ...]) -> set[str]:
-    """The parameters among ``names`` given on the command line (not left at their default)."""
-    import click
-
-    default = (click.core.ParameterSource.DEFAULT, None)
-    return {n for n in names if ctx.get_parameter_source(n) not in default}
-
-
-def _loss_options(items: list[str]) -> dict[str, Any]:
-    """``--loss-option KEY=VALUE`` items as a dict (numbers and true/false converted)."""
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, text = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"--loss-option {item!r}: expected KEY=VALUE")
-        value: Any = text.strip()
-        if value.lower() in ("true", "false"):
-            value = value.lower() == "true"
-        else:
-            for cast in (int, float):
-                try:
-                    value = cast(value)
-                    break
-                except ValueError:
-                    pass
-        out[key.strip()] = value
-    return out
-
-
 @app.command("train")
 def train_cmd(
     ctx: typer.Context,
