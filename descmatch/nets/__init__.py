@@ -10,6 +10,7 @@ from .frames import FrameNet
 from .hardnet import HardNet
 from .l2net import CentralSurround, L2Net, L2NetCS
 from .sosnet import SOSNet, SOSNetCS
+from .student import StudentNet
 
 NETS: dict[str, type[DescriptorNet]] = {
     "l2net": L2Net,
@@ -17,6 +18,7 @@ NETS: dict[str, type[DescriptorNet]] = {
     "hardnet": HardNet,
     "sosnet": SOSNet,
     "sosnet-cs": SOSNetCS,
+    "student": StudentNet,
 }
 
 #: Every net a weights file can hold: the descriptors and the keypoint frame refiner.
@@ -66,4 +68,5 @@ __all__ = [
     "L2NetCS",
     "SOSNet",
     "SOSNetCS",
+    "StudentNet",
 ]

@@ -100,6 +100,7 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     "hardnet": {"loss": "hardnet", "optimizer": "sgd", "lr": 10.0, "weight_decay": 1e-4},
     "sosnet": {"loss": "sosnet", "optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0},
     "sosnet-cs": {"loss": "sosnet", "optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0},
+    "student": {"loss": "hardnet", "optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0},
 }
 #: Learning rate of an optimiser chosen against the method's default.
 OPTIMIZER_LR = {"sgd": 10.0, "adam": 1e-3, "adamw": 1e-3}

@@ -1,0 +1,198 @@
+"""Distillation: the student net (shapes, cost, batch-norm folding), the distillation pool (the
+teacher's descriptors computed once, aligned with the patches), and the distillation objective
+through the one Trainer (the loss falls, resume is exact, the teacher is not run again)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import MainResult, write_scenes
+
+import descmatch.train.distill as distill_mod
+from descmatch.describe import NetDescriber, build_describer
+from descmatch.errors import ConfigError
+from descmatch.nets import NETS, build_net
+from descmatch.nets.cost import count_macs
+from descmatch.nets.fold import fold_batchnorm
+from descmatch.train.distill import DistillConfig, train_distill
+from descmatch.train.distillpool import Teacher, TeacherPool, photo_distill_pairs
+from descmatch.train.photos import PhotoPairConfig, load_photo
+from descmatch.train.runlog import read_log
+from descmatch.weights import load_net
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_student_shapes_cost_and_folding() -> None:
+    assert NETS["student"].patch_size == 64 and NETS["student"].window_factor == 2.0
+    net = build_net("student", {"width": 8, "dim": 128})
+    net.train()
+    x = torch.rand(6, 1, 64, 64)
+    for _ in range(3):  # move the batch-norm statistics away from their start
+        net(x * torch.rand(6, 1, 1, 1) + 0.1)
+    net.eval()
+    with torch.no_grad():
+        d = net(x)
+        folded = fold_batchnorm(net)
+        assert d.shape == (6, 128)
+        assert torch.allclose(d.norm(dim=1), torch.ones(6), atol=1e-5)
+        assert torch.allclose(folded(x), d, atol=1e-5)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    # The documented cost: 9.5 M multiply-adds at the default width and dimension.
+    assert count_macs(build_net("student"), (1, 64, 64)) == 9_469_952
+    with pytest.raises(ConfigError, match="valid keys"):
+        build_net("student", {"depth": 3})
+
+
+class _CountingTeacher(Teacher):
+    """A small random SOSNet with size pooling as the teacher, counting its calls."""
+
+    def __init__(self) -> None:
+        torch.manual_seed(3)
+        net = build_net("sosnet")
+        d = NetDescriber(net.eval(), torch.device("cpu"), size_pool=(0.7, 1.4))
+        super().__init__(d, {"method": "test", "size_pool": [0.7, 1.4], "dim": 128})
+        self.calls = 0
+
+    def __call__(self, image, xy, size, angle):  # type: ignore[no-untyped-def]
+        self.calls += 1
+        return super().__call__(image, xy, size, angle)
+
+
+@pytest.fixture
+def teacher(monkeypatch: pytest.MonkeyPatch) -> _CountingTeacher:
+    t = _CountingTeacher()
+    monkeypatch.setattr(distill_mod, "load_teacher", lambda spec: t)
+    return t
+
+
+@pytest.fixture
+def photos(tmp_path: Path) -> Path:
+    write_scenes(tmp_path / "photos", 4, width=240, height=180)
+    return tmp_path / "photos"
+
+
+def _cfg(data: str, out: Path, **kw: object) -> DistillConfig:
+    base: dict[str, object] = dict(
+        data=[data],
+        out_dir=out,
+        net_conf={"width": 4, "dim": 128},
+        steps=8,
+        batch_size=16,
+        images_per_batch=2,
+        pairs_per_image=24,
+        val_fraction=0.25,
+        val_points=20,
+        eval_every=4,
+        checkpoint_every=4,
+        log_every=1,
+        precision="fp32",
+    )
+    base.update(kw)
+    return DistillConfig(**base)  # type: ignore[arg-type]
+
+
+def _pool_of(run: Path) -> Path:
+    (pool,) = list((run / "pools").glob("distill-*"))
+    return pool
+
+
+def test_teacher_is_cached_in_the_pool_and_not_run_again(
+    photos: Path, tmp_path: Path, teacher: _CountingTeacher
+) -> None:
+    run = tmp_path / "run"
+    path = train_distill(_cfg(f"photos:{photos}", run, steps=2))
+    calls = teacher.calls
+    assert calls == 2 * 4  # both views of each of the 4 photos, once
+    pool = TeacherPool.load(_pool_of(run))
+    assert pool.teacher.dtype == np.float16 and pool.teacher.shape == (len(pool.views), 128)
+    # The cached rows are the teacher's descriptors of the photo's keypoints, in order.
+    first = sorted(photos.iterdir())[0]
+    views, desc = photo_distill_pairs(
+        load_photo(first),
+        np.random.default_rng([0, 0]),
+        _CountingTeacher(),
+        PhotoPairConfig(),
+        64,
+        10.0,
+        2.0,
+        24,
+    )
+    k = len(views)
+    np.testing.assert_array_equal(pool.views[:k], views)
+    np.testing.assert_allclose(pool.teacher[:k].astype(np.float32), desc, atol=2e-3)
+    meta = load_net("student", path).meta
+    assert meta["frames"] == "none" and meta["size_pool"] == [1.0]
+    # Resuming (and a longer run on the same data) describes nothing again.
+    cfg = _cfg(f"photos:{photos}", run, steps=2, resume=True)
+    train_distill(cfg)
+    train_distill(_cfg(f"photos:{photos}", tmp_path / "other", steps=1))
+    assert teacher.calls == calls + 2 * 4  # only the new run's own pool
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_loss_falls_and_resume_is_exact(
+    photos: Path, tmp_path: Path, teacher: _CountingTeacher
+) -> None:
+    train_distill(_cfg(f"photos:{photos}", tmp_path / "build", steps=1))
+    data = f"pool:{_pool_of(tmp_path / 'build')}"
+
+    def losses(texts: list[str]) -> list[float]:
+        return [float(t.split()[1]) for t in texts]
+
+    straight: list[str] = []
+    a = train_distill(
+        _cfg(data, tmp_path / "a", steps=30, lr=3e-3), lambda i, n, t: straight.append(t)
+    )
+    got = losses(straight)
+    assert np.mean(got[-5:]) < 0.8 * np.mean(got[:5]), got
+    rows = read_log(tmp_path / "a")
+    assert rows[-1]["fpr95"] is not None and rows[-1]["teacher_fpr95"] is not None
+
+    first: list[str] = []
+
+    def crash(i: int, n: int, t: str) -> None:
+        first.append(t)
+        if i == 12:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        train_distill(_cfg(data, tmp_path / "b", steps=30, lr=3e-3), crash)
+    resumed: list[str] = []
+    b = train_distill(
+        _cfg(data, tmp_path / "b", steps=30, lr=3e-3, resume=True),
+        lambda i, n, t: resumed.append(t),
+    )
+    assert len(resumed) == 18
+    assert losses(first + resumed) == got
+    sa, sb = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
+    for k, v in sa["state_dict"].items():
+        assert torch.equal(v, sb["state_dict"][k]), k
+
+
+def test_cli_trains_a_student_and_extract_uses_it_alone(
+    photos: Path, tmp_path: Path, teacher: _CountingTeacher, call_main: Callable[..., MainResult]
+) -> None:
+    train_distill(_cfg(f"photos:{photos}", tmp_path / "build", steps=1))
+    out = tmp_path / "cli"
+    args = ["train", "--method", "distill", "--teacher", "auto", "--width", "4"]
+    args += ["--data", f"pool:{_pool_of(tmp_path / 'build')}", "--out", str(out)]
+    code, _, err = call_main(*args, "--steps", "2", "--batch-size", "16")
+    assert code == 0, err
+    loaded = load_net("student", out / "student.pt")
+    assert loaded.meta["steps"] == 2 and loaded.net.conf["width"] == 4
+    # Defaults (--frames auto, --size-pool auto) describe the one patch: no refiner, no pool.
+    d = build_describer("student", str(out / "student.pt"))
+    assert isinstance(d, NetDescriber) and d.frames is None and d.size_pool == (1.0,)
+
+
+def test_distillation_data_must_be_photos_multiview_or_pools(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="distillation data"):
+        train_distill(_cfg(f"brown:{tmp_path}", tmp_path / "run"))
