@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from .describe import Describer
+from .describe import Describer, NetDescriber
 from .detect import Detector, Keypoints
 from .distributed import Dist, session
 from .errors import ImageReadError
@@ -225,25 +225,22 @@ def _extract(
             descs: list[np.ndarray | None] = [None] * len(batch)
             if describer is not None:
                 td = time.perf_counter()
-                refine = getattr(describer, "refine", None)
-                if refine is not None:  # the refined frames are the ones written
-                    for b in batch:
-                        b.kps = refine(b.image, b.kps)
-                if len(batch) > 1:
-                    descs = list(
-                        describer.describe_many(  # type: ignore[attr-defined]
-                            [(b.image, b.kps) for b in batch]
-                        )
-                    )
-                elif refine is not None:
-                    descs = [
-                        describer.describe(
-                            batch[0].image,  # type: ignore[attr-defined]
-                            batch[0].kps,
-                        )
-                    ]
+                loaded = [
+                    (b.image, b.kps) for b in batch if b.image is not None and b.kps is not None
+                ]
+                if len(loaded) != len(batch):
+                    raise AssertionError("finish() takes loaded images only")
+                if isinstance(describer, NetDescriber):
+                    # the refined frames are the ones written
+                    loaded = [(im, describer.refine(im, k)) for im, k in loaded]
+                    for b, (_, k) in zip(batch, loaded, strict=True):
+                        b.kps = k
+                    if len(loaded) > 1:
+                        descs = list(describer.describe_many(loaded))
+                    else:
+                        descs = [describer.describe(*loaded[0])]
                 else:
-                    descs = [describer(batch[0].image, batch[0].kps)]
+                    descs = [describer(im, k) for im, k in loaded]
                 result.describe_seconds += time.perf_counter() - td
             for item, desc in zip(batch, descs, strict=True):
                 _write(writer, item, desc, half, result)

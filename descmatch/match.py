@@ -526,13 +526,13 @@ def _match_reduced(
             cols, where = torch.unique(best[rows], return_inverse=True)
             bc, nbc, at = b[cols], nb[cols], a.t()
             ch = max(1, size // n0)
-            parts32 = _chunks(
+            nearest32 = _chunks(
                 len(cols),
                 ch,
                 workers,
                 lambda s: _sq_dist(bc[s : s + ch], nbc[s : s + ch], at, na).min(1)[1],
             )
-            keep[rows] = torch.cat(parts32)[where] == rows
+            keep[rows] = torch.cat(nearest32)[where] == rows
 
     return best, keep, torch.where(keep, dex, 0.0)
 

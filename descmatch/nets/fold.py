@@ -8,32 +8,15 @@ from __future__ import annotations
 
 import copy
 
-import torch
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 
 def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
-    assert bn.running_var is not None and bn.running_mean is not None
-    scale = torch.rsqrt(bn.running_var + bn.eps)
-    shift = -bn.running_mean * scale
-    if bn.affine:
-        scale = scale * bn.weight
-        shift = shift * bn.weight + bn.bias
-    fused = nn.Conv2d(
-        conv.in_channels,
-        conv.out_channels,
-        conv.kernel_size,  # type: ignore[arg-type]
-        conv.stride,
-        conv.padding,
-        conv.dilation,
-        conv.groups,
-        bias=True,
-    )  # type: ignore[arg-type]
-    with torch.no_grad():
-        fused.weight.copy_(conv.weight * scale.view(-1, 1, 1, 1))
-        bias = conv.bias if conv.bias is not None else torch.zeros_like(shift)
-        fused.bias.copy_(bias * scale + shift)
-    return fused.to(conv.weight.device)
+    """torch's own Conv-BN fusion (eval mode; BN without affine parameters is handled)."""
+    fused = fuse_conv_bn_eval(conv.eval(), bn.eval())
+    assert isinstance(fused, nn.Conv2d)
+    return fused
 
 
 def fold_batchnorm(net: nn.Module) -> nn.Module:

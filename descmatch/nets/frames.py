@@ -79,6 +79,7 @@ class FrameNet(nn.Module):
         self.rotation = bool(self.conf["rotation"])
         self.head = nn.Conv2d(4 * w, 2 if self.rotation else 1, kernel_size=8)
         nn.init.zeros_(self.head.weight)
+        assert self.head.bias is not None  # Conv2d's default bias=True
         nn.init.zeros_(self.head.bias)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -134,10 +134,10 @@ def _teacher_descriptors(
     of the descriptors at those factors of the size, as ``--size-pool`` describes.
     Shape: -> (2N,D)."""
     if size_pool != (1.0,):
-        return F.normalize(
-            sum(_teacher_descriptors(teacher, ctx, theta, rho + math.log(f)) for f in size_pool),
-            dim=1,
-        )
+        pooled = torch.stack(
+            [_teacher_descriptors(teacher, ctx, theta, rho + math.log(f)) for f in size_pool]
+        ).sum(0)
+        return F.normalize(pooled, dim=1)
     x, xs = ctx
     c = resample(x, theta, rho, 1.0, 32)
     if isinstance(teacher, CentralSurround):
@@ -185,13 +185,13 @@ def validate(
         for k, v in (("lo0", lo0), ("ls0", ls0), ("lo", lo), ("ls", ls)):
             acc[k].append(v.cpu())
         if teacher is not None and len(lo) >= 2:
-            k = len(lo)
+            n_lo = len(lo)
             zero = torch.zeros_like(theta)
             d0 = _teacher_descriptors(teacher, ctx, zero, zero, teacher_size_pool)
             d = _teacher_descriptors(teacher, ctx, theta, rho, teacher_size_pool)
-            acc["m0"].append(mutual_nn_share(d0[:k], d0[k:]).cpu())
-            acc["m"].append(mutual_nn_share(d[:k], d[k:]).cpu())
-            acc["ld"].append(hardnet_loss(d[:k], d[k:]).reshape(1).cpu())
+            acc["m0"].append(mutual_nn_share(d0[:n_lo], d0[n_lo:]).cpu())
+            acc["m"].append(mutual_nn_share(d[:n_lo], d[n_lo:]).cpu())
+            acc["ld"].append(hardnet_loss(d[:n_lo], d[n_lo:]).reshape(1).cpu())
     net.train(was)
     cat = {k: torch.cat(v) for k, v in acc.items() if v}
     cos30, log15 = 1.0 - math.cos(math.radians(30.0)), math.log(1.5) ** 2

@@ -183,7 +183,7 @@ def _inside(pts: np.ndarray, width: int, height: int, margin: float) -> np.ndarr
     """All points of each row inside the image. Shape: (N,K,2) -> (N,) bool."""
     x, y = pts[..., 0], pts[..., 1]
     ok = (x >= margin) & (y >= margin) & (x <= width - 1 - margin) & (y <= height - 1 - margin)
-    return ok.all(axis=-1)
+    return np.asarray(ok.all(axis=-1), dtype=bool)
 
 
 def warp_image(image: np.ndarray, h: np.ndarray) -> np.ndarray:

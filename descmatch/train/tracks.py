@@ -292,8 +292,8 @@ def scene_tracks(
     edges_a, edges_b = [], []
     n_matches = 0
     for p, (i, j) in enumerate(pairs):
-        m, _ = match_descriptors(descs[i], descs[j], conf.ratio, mutual=True)
-        m = m.numpy()
+        mt, _ = match_descriptors(descs[i], descs[j], conf.ratio, mutual=True)
+        m = mt.numpy()
         a = np.flatnonzero(m >= 0)
         b = m[a]
         n_matches += len(a)
