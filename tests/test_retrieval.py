@@ -154,9 +154,7 @@ def test_pairs_command(two_groups: tuple[Path, Path], tmp_path: Path) -> None:
     assert len(read_pairs(out)) == 28
     res = runner.invoke(app, ["pairs", str(imgs), str(out), "--pairs", "sequential:2"])
     assert res.exit_code == 0 and len(read_pairs(out)) == 13
-    res = runner.invoke(
-        app, ["pairs", str(feats), str(out), "--pairs", "sequential:1+loops:1"]
-    )
+    res = runner.invoke(app, ["pairs", str(feats), str(out), "--pairs", "sequential:1+loops:1"])
     assert res.exit_code == 0 and len(read_pairs(out)) > 7
 
     for args, msg in (
