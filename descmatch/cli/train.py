@@ -16,10 +16,8 @@ from .options import DeviceOpt
 
 def _given_options(ctx: typer.Context, names: tuple[str, ...]) -> set[str]:
     """The parameters among ``names`` given on the command line (not left at their default)."""
-    import click
-
-    default = (click.core.ParameterSource.DEFAULT, None)
-    return {n for n in names if ctx.get_parameter_source(n) not in default}
+    sources = {n: getattr(ctx.get_parameter_source(n), "name", None) for n in names}
+    return {n for n, s in sources.items() if s not in (None, "DEFAULT", "DEFAULT_MAP")}
 
 
 def _loss_options(items: list[str]) -> dict[str, Any]:

@@ -14,8 +14,13 @@ weights file that :func:`descmatch.weights.load_net` loads). What it does, in or
   homography, made into a pool under ``<out_dir>/pools`` once, see :mod:`.hpatches`; it must
   be named); without KIND it is guessed. Each batch comes from one source, drawn with
   probability proportional to the weights; batch ``s`` is a pure function of ``(seed, s)``.
+* recipe (``config.recipe``, :func:`~.recipe.recipe_settings`): ``default`` (the project's
+  recipe, chosen by measurement) or ``paper`` (the method's paper: sampler, batch size,
+  optimiser, schedule, dropout, augmentation, separate forward passes) fills every setting
+  left None; settings given explicitly win. The resolved settings are the run's settings
+  (checkpoint, logs, the weights' meta).
 * sampler (how a batch's points are chosen in its source, :data:`~.samplers.SAMPLERS`):
-  ``same-image`` (default: ``images_per_batch`` photos, many points each, hard negatives),
+  ``same-image`` (``images_per_batch`` photos, many points each, hard negatives),
   ``random`` (HardNet: distinct points uniformly over the pool), ``progressive`` (L2-Net:
   ``p1_fraction`` of the batch walks a shuffled sequence of the pool, the rest random) or
   ``hard-negative`` (groups of ``mine_group`` points close in descriptor space; the first
@@ -29,16 +34,18 @@ weights file that :func:`descmatch.weights.load_net` loads). What it does, in or
 * batch: uint8 from the pool, to float on the device; with ``augment`` the same random flip
   and 90-degree rotation for both patches of a pair and an independent small rotation
   (``rotation_jitter`` degrees) and scale (``scale_jitter``) per patch (one ``affine_grid``);
-  one forward pass for anchors and positives together; the loss in fp32.
+  one forward pass for anchors and positives together, or two with ``separate_passes``
+  (HardNet's code: each half its own batch-norm statistics); the loss in fp32 with
+  ``loss_options`` (validated by :func:`~.losses.check_loss_options`).
 * precision: ``auto`` is bf16 autocast on CPUs with bf16 support (about twice the fp32 speed
   measured on AVX512-BF16) and on CUDA devices that have it, else fp16 with a gradient scaler
   on CUDA, else fp32.
-* optimiser (defaults per method, :data:`METHOD_DEFAULTS`): HardNet's recipe is SGD, lr 10,
-  momentum 0.9, dampening 0.9, weight decay 1e-4, linear decay to 0 (the official code's
-  values; the towers are scale invariant -- batch norm without affine, L2-normalised output --
-  so the step that matters is lr / |w|^2 and weight decay keeps it moving). L2-Net and SOSNet
-  default to Adam, lr 1e-3, no weight decay, linear decay to 0 (our choice: Adam suits short CPU
-  runs; the papers trained far longer).
+* optimiser (from the recipe; :data:`METHOD_DEFAULTS` for a method without recipes): HardNet
+  trains with SGD, lr 10, momentum 0.9, dampening 0.9, weight decay 1e-4, linear decay to 0
+  (the official code's values; the towers are scale invariant -- batch norm without affine,
+  L2-normalised output -- so the step that matters is lr / |w|^2 and weight decay keeps it
+  moving). The default recipes of L2-Net and SOSNet use Adam, lr 1e-3, no weight decay,
+  linear decay to 0 (our choice: Adam suits short CPU runs; the papers trained far longer).
 * checkpoints every ``checkpoint_every`` steps and at the end (``<out_dir>/checkpoint.pt``:
   weights, optimiser, scheduler, scaler, step, RNG states, config, what was mined);
   ``resume=True`` continues from it and gives the same batches, losses and weights as an
@@ -63,7 +70,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -80,11 +87,18 @@ from .augment import augment_pairs
 from .batches import MixedBatches
 from .data import DataSpec, ValSet, brown_val, open_source, pool_val
 from .evaluation import describe_patches, fpr_at_recall, pair_distances
-from .losses import LOSSES, get_loss
+from .losses import LOSSES, check_loss_options, get_loss
 from .objective import Objective, RunEnv, RunSettings, StepContext
 from .photos import PhotoPairConfig
 from .poolbuild import frames_settings
-from .recipe import OPTIMIZERS, PRECISIONS, SCHEDULES, Recipe
+from .recipe import (
+    OPTIMIZERS,
+    PRECISIONS,
+    RECIPE_KEYS,
+    SCHEDULES,
+    Recipe,
+    recipe_settings,
+)
 from .runlog import hardware_name, read_log
 from .samplers import SAMPLERS
 from .trainer import Trainer
@@ -111,8 +125,10 @@ assert set(OPTIMIZER_LR) == set(OPTIMIZERS)
 class TrainConfig:
     """Everything a training run depends on (stored in its checkpoints and logs).
 
-    ``loss``, ``optimizer``, ``lr`` and ``weight_decay`` left None take the method's defaults
-    (:data:`METHOD_DEFAULTS`). ``eval_every`` None: once per epoch over the training points.
+    Settings left None (loss, loss options, optimiser and schedule, batch size, sampler,
+    augmentation, ``separate_passes``) take the values of ``recipe`` (``default`` or
+    ``paper``, see :meth:`with_recipe`). ``eval_every`` None: once per epoch over the
+    training points.
     ``val``: None holds out ``val_fraction`` of the first source's photos; ``"none"`` skips
     validation. ``time_limit_s`` stops early (checkpoint and weights written) after that much
     training time in this call. ``command`` is recorded in the weights' meta. ``sampler``
@@ -130,21 +146,24 @@ class TrainConfig:
     method: str = "hardnet"
     data: list[str | DataSpec] = field(default_factory=list)
     out_dir: Path = Path("runs/train")
+    recipe: str = "default"
     loss: str | None = None
-    loss_options: dict[str, Any] = field(default_factory=dict)
+    loss_options: dict[str, Any] | None = None
     steps: int = 10000
-    batch_size: int = 512
-    images_per_batch: int = 4
+    batch_size: int | None = None
+    images_per_batch: int | None = None
     optimizer: str | None = None
     lr: float | None = None
-    momentum: float = 0.9
+    momentum: float | None = None
+    dampening: float | None = None
     weight_decay: float | None = None
-    lr_schedule: str = "linear"
-    warmup_steps: int = 0
-    augment: bool = True
-    flip_rot90: bool = True
-    rotation_jitter: float = 5.0
-    scale_jitter: float = 0.05
+    lr_schedule: str | None = None
+    warmup_steps: int | None = None
+    augment: bool | None = None
+    flip_rot90: bool | None = None
+    rotation_jitter: float | None = None
+    scale_jitter: float | None = None
+    separate_passes: bool | None = None
     seed: int = 0
     device: str = "auto"
     precision: str = "auto"
@@ -161,8 +180,8 @@ class TrainConfig:
     pairs_per_image: int = 512
     pool_workers: int = 1
     max_images: int | None = None
-    sampler: str = "same-image"
-    p1_fraction: float = 0.5
+    sampler: str | None = None
+    p1_fraction: float | None = None
     mine_every: int = 1000
     mine_points: int = 32768
     mine_group: int | None = 64
@@ -176,34 +195,87 @@ class TrainConfig:
     rank: int = 0
     world_size: int = 1
 
-    def resolved(self) -> dict[str, Any]:
-        """The effective loss and optimiser settings (method defaults filled in)."""
+    def with_recipe(self) -> TrainConfig:
+        """This config with every setting left None taken from its recipe (``recipe``, one of
+        :data:`~.recipe.RECIPE_NAMES`, see :func:`~.recipe.recipe_settings`): a setting given
+        explicitly wins over the recipe's. An optimiser other than the recipe's, given without
+        a learning rate or weight decay, takes :data:`OPTIMIZER_LR`, no weight decay and no
+        dampening. ``loss_options`` are the recipe's (for its loss) updated with the given
+        ones, validated by :func:`~.losses.check_loss_options`; the recipe's dropout goes into
+        ``net_conf`` unless that sets one. Every setting of the result is concrete; calling it
+        again returns the same."""
         if self.method not in NETS:
             raise ConfigError(f"unknown method {self.method!r}; choose one of {', '.join(NETS)}")
-        d = METHOD_DEFAULTS[self.method]
-        opt = (self.optimizer or d["optimizer"]).lower()
+        r = recipe_settings(self.method, self.recipe, self.loss)
+        d = METHOD_DEFAULTS.get(self.method, {})
+        loss = self.loss or r.get("loss") or d["loss"]
+        get_loss(loss)
+        r_opt = str(r.get("optimizer") or d["optimizer"])
+        opt = (self.optimizer or r_opt).lower()
         if opt not in OPTIMIZER_LR:
             raise ConfigError(f"unknown optimizer {opt!r}; valid: {', '.join(OPTIMIZER_LR)}")
-        same = opt == d["optimizer"]
-        lr = self.lr if self.lr is not None else (d["lr"] if same else OPTIMIZER_LR[opt])
-        wd = (
-            self.weight_decay
-            if self.weight_decay is not None
-            else (d["weight_decay"] if same else 0.0)
+        same = opt == r_opt
+
+        def pick(name: str, fallback: Any) -> Any:
+            v = getattr(self, name)
+            return v if v is not None else (r.get(name, fallback) if same else None)
+
+        lr = pick("lr", d.get("lr"))
+        wd = pick("weight_decay", d.get("weight_decay", 0.0))
+        damp = pick("dampening", 0.0)
+        concrete = {
+            k: getattr(self, k) if getattr(self, k) is not None else r[k]
+            for k in (
+                "sampler",
+                "batch_size",
+                "images_per_batch",
+                "p1_fraction",
+                "momentum",
+                "lr_schedule",
+                "warmup_steps",
+                "augment",
+                "flip_rot90",
+                "rotation_jitter",
+                "scale_jitter",
+                "separate_passes",
+            )
+        }
+        options = check_loss_options(loss, {**r["loss_options"], **(self.loss_options or {})})
+        net_conf = dict(self.net_conf)
+        if "dropout" in r and "dropout" not in net_conf:
+            net_conf["dropout"] = float(r["dropout"])
+        out = replace(
+            self,
+            loss=loss,
+            loss_options=options,
+            optimizer=opt,
+            lr=float(lr if lr is not None else OPTIMIZER_LR[opt]),
+            weight_decay=float(wd if wd is not None else 0.0),
+            dampening=float(damp if damp is not None else 0.0),
+            net_conf=net_conf,
+            **concrete,
         )
-        loss = self.loss or d["loss"]
-        get_loss(loss)
-        if self.lr_schedule not in SCHEDULES:
+        if out.lr_schedule not in SCHEDULES:
             raise ConfigError(
-                f"unknown lr schedule {self.lr_schedule!r}; valid: {', '.join(SCHEDULES)}"
+                f"unknown lr schedule {out.lr_schedule!r}; valid: {', '.join(SCHEDULES)}"
             )
-        if self.precision not in PRECISIONS:
+        if out.precision not in PRECISIONS:
             raise ConfigError(
-                f"unknown precision {self.precision!r}; valid: {', '.join(PRECISIONS)}"
+                f"unknown precision {out.precision!r}; valid: {', '.join(PRECISIONS)}"
             )
-        if self.sampler not in SAMPLERS:
-            raise ConfigError(f"unknown sampler {self.sampler!r}; valid: {', '.join(SAMPLERS)}")
-        return {"loss": loss, "optimizer": opt, "lr": float(lr), "weight_decay": float(wd)}
+        if out.sampler not in SAMPLERS:
+            raise ConfigError(f"unknown sampler {out.sampler!r}; valid: {', '.join(SAMPLERS)}")
+        return out
+
+    def resolved(self) -> dict[str, Any]:
+        """The effective loss and optimiser settings (recipe and method defaults filled in)."""
+        c = self.with_recipe()
+        return {
+            "loss": c.loss,
+            "optimizer": c.optimizer,
+            "lr": c.lr,
+            "weight_decay": c.weight_decay,
+        }
 
     def photo_conf(self) -> PhotoPairConfig:
         """How photo (and HPatches) pairs are made."""
@@ -245,12 +317,22 @@ class _Features(nn.Module):
     """``forward`` is the net's ``forward_features``: what DistributedDataParallel wraps (its
     gradient hooks need the call to go through its own forward)."""
 
-    def __init__(self, net: DescriptorNet) -> None:
+    def __init__(self, net: DescriptorNet, separate_passes: bool = False) -> None:
         super().__init__()
         self.net = net
+        self.separate_passes = separate_passes
 
     def forward(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
-        return self.net.forward_features(x)
+        """Descriptors and intermediate maps of ``x``: the anchors (first half) and the
+        positives (second half) in one pass, or with ``separate_passes`` in two (each with
+        its own batch-norm statistics, as HardNet's code does).
+        Shape: (2B,1,P,P) -> (2B,D), maps (2B,...)."""
+        if not self.separate_passes:
+            return self.net.forward_features(x)
+        b = x.shape[0] // 2
+        da, fa = self.net.forward_features(x[:b])
+        dp, fp = self.net.forward_features(x[b:])
+        return torch.cat([da, dp]), [torch.cat([u, v]) for u, v in zip(fa, fp, strict=True)]
 
 
 class DescriptorObjective(Objective):
@@ -260,20 +342,19 @@ class DescriptorObjective(Objective):
     val_columns = ("fpr95",)
 
     def __init__(self, config: TrainConfig) -> None:
-        self.config = config
+        self.config = config = config.with_recipe()
         self.opts = config.resolved()
         self.method = config.method
-        self.batch_size = config.batch_size
+        self.batch_size = int(config.batch_size or 0)
         self.net_cls = NETS[config.method]
         self.recipe = Recipe(
             optimizer=self.opts["optimizer"],
             lr=self.opts["lr"],
             weight_decay=self.opts["weight_decay"],
-            momentum=config.momentum,
-            # HardNet's official optimiser has dampening 0.9 with its momentum 0.9.
-            dampening=0.9 if config.method == "hardnet" else 0.0,
-            schedule=config.lr_schedule,
-            warmup_steps=config.warmup_steps,
+            momentum=float(config.momentum or 0.0),
+            dampening=float(config.dampening or 0.0),
+            schedule=str(config.lr_schedule),
+            warmup_steps=int(config.warmup_steps or 0),
         )
         self.loss_fn = get_loss(self.opts["loss"])
         self.random_loss = self.opts["loss"] in ("contrastive", "triplet")
@@ -287,11 +368,11 @@ class DescriptorObjective(Objective):
         c, d = self.config, env.dist
         if not c.data:
             raise ConfigError("no training data: give at least one data source")
-        if c.steps < 1 or c.batch_size < 2:
+        if c.steps < 1 or self.batch_size < 2:
             raise ConfigError("steps must be >= 1 and batch_size >= 2")
-        if d.active and c.batch_size < 2 * d.world_size:
+        if d.active and self.batch_size < 2 * d.world_size:
             raise ConfigError(
-                f"batch size {c.batch_size} is too small for {d.world_size} "
+                f"batch size {self.batch_size} is too small for {d.world_size} "
                 "processes (at least 2 pairs each)"
             )
         self.env = env
@@ -330,19 +411,19 @@ class DescriptorObjective(Objective):
         self.batches = MixedBatches(
             pools,
             [s.weight for s in specs],
-            c.batch_size,
-            c.images_per_batch,
+            self.batch_size,
+            int(c.images_per_batch or 0),
             c.seed,
             d.rank if d.active else c.rank,
             d.world_size if d.active else c.world_size,
-            sampler=c.sampler,
-            p1_fraction=c.p1_fraction,
+            sampler=str(c.sampler),
+            p1_fraction=float(c.p1_fraction or 0.0),
             mine_every=c.mine_every,
             mine_points=c.mine_points,
             mine_group=c.mine_group,
         )
         points = sum(p.num_points for p, s in zip(pools, specs, strict=True) if s.weight > 0)
-        self.eval_every = max(1, -(-points // c.batch_size))  # once per epoch
+        self.eval_every = max(1, -(-points // self.batch_size))  # once per epoch
         self.data_desc = "; ".join(
             f"{s} ({p.num_points} points)" for s, p in zip(specs, pools, strict=True)
         )
@@ -379,7 +460,7 @@ class DescriptorObjective(Objective):
 
     def train_module(self, net: nn.Module) -> nn.Module:
         self.net = net
-        return _Features(net)  # type: ignore[arg-type]
+        return _Features(net, bool(self.config.separate_passes))  # type: ignore[arg-type]
 
     # Batches, hard-negative mining.
 
@@ -420,7 +501,13 @@ class DescriptorObjective(Objective):
         c, p = self.config, self.net_cls.patch_size
         x = torch.from_numpy(batch).to(ctx.device, non_blocking=True).float().div_(255.0)
         if c.augment:
-            x = augment_pairs(x, ctx.generator, c.flip_rot90, c.rotation_jitter, c.scale_jitter)
+            x = augment_pairs(
+                x,
+                ctx.generator,
+                bool(c.flip_rot90),
+                float(c.rotation_jitter or 0.0),
+                float(c.scale_jitter or 0.0),
+            )
         b = x.shape[0]
         inp = x.transpose(0, 1).reshape(2 * b, 1, p, p)
         with ctx.autocast():
@@ -429,11 +516,11 @@ class DescriptorObjective(Objective):
         a, pos = desc[:b], desc[b:]
         if self.opts["loss"] == "l2net":
             f1, f2 = [f[:b].float() for f in feats], [f[b:].float() for f in feats]
-            loss = self.loss_fn(a, pos, f1, f2)
+            loss = self.loss_fn(a, pos, f1, f2, **(c.loss_options or {}))
         elif self.random_loss:
-            loss = self.loss_fn(a, pos, generator=ctx.generator, **c.loss_options)
+            loss = self.loss_fn(a, pos, generator=ctx.generator, **(c.loss_options or {}))
         else:
-            loss = self.loss_fn(a, pos, **c.loss_options)
+            loss = self.loss_fn(a, pos, **(c.loss_options or {}))
         with torch.no_grad():
             acc = (torch.mm(a, pos.t()).argmax(1) == torch.arange(b, device=a.device)).float()
         return loss, {"batch_acc": acc.mean()}
@@ -461,6 +548,9 @@ class DescriptorObjective(Objective):
             "data_sources": [str(s) for s in self.specs],
             "images_per_batch": c.images_per_batch,
             "sampler": c.sampler,
+            "recipe": c.recipe,
+            "recipe_settings": {k: getattr(c, k, None) for k in RECIPE_KEYS if k != "dropout"},
+            "dropout": c.net_conf.get("dropout"),
             **self.opts,
             "val_fpr95": val["fpr95"] if val else None,
             "val_set": self.val.name if self.val else None,

@@ -164,6 +164,8 @@ def l2net_e2(
 #: E3's similarity of two feature maps: ``inner`` the inner product of the vectorised maps
 #: (the paper's), ``cosine`` the inner product of the maps each scaled to unit length.
 E3_SIMILARITIES = ("inner", "cosine")
+#: ``e3`` of :func:`l2net_loss`: an E3 similarity, or ``none`` (no intermediate supervision).
+L2NET_E3_FORMS = (*E3_SIMILARITIES, "none")
 
 
 def l2net_e3(
@@ -221,7 +223,7 @@ def l2net_loss(
     With the default ``reduction="mean"`` the value is the paper's ``E1 + E2 + E3`` divided by
     N, the number of pairs (one global factor: each term's sum is divided by N); ``"sum"`` is the
     paper's value. Named variants: ``e2`` (``E2_FORMS``), ``e3`` the similarity of E3
-    (``E3_SIMILARITIES``); the paper's forms are the defaults.
+    (``E3_SIMILARITIES``) or ``none`` (no E3); the paper's forms are the defaults.
 
     Shape: anchors (N,D), positives (N,D), feats: lists of (N,C,H,W) or None -> scalar.
     """
@@ -239,10 +241,9 @@ def l2net_loss(
         if reduction == "sum":
             scale /= int(anchors.shape[0])
         loss = loss + e2_sum / scale
-    if feats_a is not None and feats_p is not None:
+    _check_choice("E3 form", e3, L2NET_E3_FORMS)
+    if feats_a is not None and feats_p is not None and e3 != "none":
         loss = loss + l2net_e3(feats_a, feats_p, reduction=reduction, similarity=e3)
-    else:
-        _check_choice("E3 similarity", e3, E3_SIMILARITIES)
     return loss
 
 
@@ -425,7 +426,7 @@ LOSSES: dict[str, Callable[..., Tensor]] = {
 
 #: The named variants of each loss: option -> its choices, the default (the paper's form) first.
 LOSS_VARIANTS: dict[str, dict[str, tuple[str, ...]]] = {
-    "l2net": {"e2": E2_FORMS, "e3": E3_SIMILARITIES, "reduction": REDUCTIONS},
+    "l2net": {"e2": E2_FORMS, "e3": L2NET_E3_FORMS, "reduction": REDUCTIONS},
     "hardnet": {},
     "sosnet": {},
     "contrastive": {"form": CONTRASTIVE_FORMS},
