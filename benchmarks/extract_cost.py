@@ -67,6 +67,10 @@ PIPELINES: list[tuple[str, list[str]]] = [
         "sosnet, no size pooling, bf16",
         ["-m", "sosnet", "--size-pool", "none", "--precision", "bf16"],
     ),
+    (
+        "sosnet, no size pooling, no refiner",
+        ["-m", "sosnet", "--size-pool", "none"] + ["--frames", "none"],
+    ),
     ("rootsift", ["-m", "rootsift"]),
 ]
 
@@ -115,8 +119,9 @@ def prepare(images: list[Path], size: tuple[int, int], folder: Path) -> list[Pat
     return out
 
 
-def run_child(cmd: list[str], threads: int) -> tuple[float, int, str]:
-    """Wall seconds, peak RSS (KB) and stdout of a subprocess."""
+def run_child(cmd: list[str], threads: int) -> tuple[float, int, str, float]:
+    """Wall seconds, peak RSS (KB), stdout and CPU seconds (user + system) of a
+    subprocess."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     t0 = time.perf_counter()
     proc = subprocess.Popen(
@@ -128,25 +133,26 @@ def run_child(cmd: list[str], threads: int) -> tuple[float, int, str]:
     wall = time.perf_counter() - t0
     if os.waitstatus_to_exitcode(status) != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{text[-2000:]}")
-    return wall, int(usage.ru_maxrss), text
+    return wall, int(usage.ru_maxrss), text, usage.ru_utime + usage.ru_stime
 
 
 def time_extract(folder: Path, n: int, opts: list[str], k: int, threads: int, tmp: Path) -> dict:
     out = tmp / f"f{time.monotonic_ns()}.h5"
     cmd = [sys.executable, "-m", "descmatch", "extract", str(folder), str(out)]
     cmd += ["--max-keypoints", str(k), "--device", "cpu", *opts]
-    wall, rss, text = run_child(cmd, threads)
+    wall, rss, text, cpu = run_child(cmd, threads)
     m = re.search(r"(\d+) image\(s\) in ([\d.]+) s", text)
     seconds = float(m.group(2)) if m else wall
     out.unlink(missing_ok=True)
-    return {"per_image": seconds / n, "wall": wall, "rss_mb": rss / 1024}
+    return {"per_image": seconds / n, "wall": wall, "rss_mb": rss / 1024, "cpu": cpu / n}
 
 
 def time_sift(paths: list[Path], k: int, threads: int) -> dict:
     cmd = [sys.executable, "-c", SIFT_CHILD, str(threads), str(k), *map(str, paths)]
-    wall, rss, text = run_child(cmd, threads)
+    wall, rss, text, cpu = run_child(cmd, threads)
     res = json.loads(text.split("RESULT", 1)[1])
-    return {"per_image": res["seconds"] / len(paths), "wall": wall, "rss_mb": rss / 1024}
+    n = len(paths)
+    return {"per_image": res["seconds"] / n, "wall": wall, "rss_mb": rss / 1024, "cpu": cpu / n}
 
 
 def rate(fn, patches: torch.Tensor, min_seconds: float = 1.0) -> float:
@@ -369,13 +375,17 @@ def main() -> None:
             table = [
                 f"## {k} keypoints: seconds per image",
                 "",
-                "| pipeline | precision | s/image | x RootSIFT | process wall s | peak RSS MB |",
-                "|---|---|---:|---:|---:|---:|",
+                "| pipeline | precision | s/image | x RootSIFT | CPU s/image | x RootSIFT "
+                "| process wall s | peak RSS MB |",
+                "|---|---|---:|---:|---:|---:|---:|---:|",
             ]
             for label, r in results.items():
                 ratio = f"{r['per_image'] / ref:.2f}" if ref else "-"
+                cpu_ref = results.get("rootsift", {}).get("cpu")
+                cpu_ratio = f"{r['cpu'] / cpu_ref:.2f}" if cpu_ref else "-"
                 table.append(
                     f"| {label} | {r.get('precision') or '-'} | {r['per_image']:.3f} | {ratio} "
+                    f"| {r['cpu']:.3f} | {cpu_ratio} "
                     f"| {r['wall']:.1f} "
                     f"| {r['rss_mb']:.0f} |"
                 )
