@@ -130,6 +130,9 @@ def extract(
         settings["frames_sha256"] = describer.meta["frames_sha256"]
     if describer is not None and describer.meta.get("size_pool"):
         settings["size_pool"] = describer.meta["size_pool"]
+    for key in ("int8", "frames_int8"):  # int8 models give other descriptors: never mixed
+        if describer is not None and describer.meta.get(key):
+            settings[key] = describer.meta[key]
     attrs = {
         "method": describer.name if describer else "none",
         "descriptor_dim": describer.dim if describer else 0,
