@@ -37,7 +37,7 @@ _API: dict[str, str] = {
     "ExtractResult": ".extract",
     "match": ".match",
     "MatchResult": ".match",
-    "match_descriptors": ".match",
+    "match_descriptors": ".matcher",
     "match_images": ".two_view",
     "TwoViewMatches": ".two_view",
     "pairs_for": ".pairs",
@@ -101,7 +101,8 @@ if TYPE_CHECKING:
     from .extract import ExtractResult, extract
     from .h5 import Reader
     from .images import ImageList, list_images, read_image
-    from .match import MatchResult, match, match_descriptors
+    from .match import MatchResult, match
+    from .matcher import match_descriptors
     from .nets import NETS
     from .pairs import pairs_for, read_pairs, write_pairs
     from .sfm import SfmConfig, SfmResult, run_sfm

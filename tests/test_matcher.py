@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import write_scenes
 
-import descmatch.match as match_module
+import descmatch.matcher_reduced as match_module
 from descmatch.describe import build_describer
 from descmatch.detect import SiftDetector
 from descmatch.errors import InputError, SchemaError
