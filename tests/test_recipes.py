@@ -281,6 +281,23 @@ def test_tiny_run_of_each_recipe_trains(
     assert ck["config"]["sampler"] == want["sampler"]
 
 
+@pytest.mark.parametrize("loss", ["contrastive", "triplet"])
+def test_tiny_run_of_a_baseline_loss_paper_recipe(pool: Path, tmp_path: Path, loss: str) -> None:
+    cfg = TrainConfig(
+        method="l2net",
+        recipe="paper",
+        loss=loss,
+        data=[f"pool:{pool}"],
+        out_dir=tmp_path,
+        steps=2,
+        batch_size=16,
+        val="none",
+    )
+    meta = load_net("l2net", train(cfg)).meta
+    assert meta["loss"] == loss and meta["config"]["sampler"] == "random"
+    assert meta["config"]["loss_options"]["form"] == "squared"
+
+
 def test_cli_recipe_and_loss_options(pool: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     args = ["train", "-m", "hardnet", "--recipe", "paper", "--data", f"pool:{pool}"]

@@ -226,6 +226,9 @@ _SOSNET_PAPER: dict[str, Any] = {**_HARDNET_PAPER, "loss": "sosnet", "dropout": 
 # The project's recipes, chosen by measurement on CPU runs of a few thousand steps: batches of
 # 512 pairs from 4 photos (hard same-image negatives), Adam lr 1e-3 (SGD lr 10 for HardNet),
 # linear decay, flips, quarter turns and small rotations and scalings, one forward pass.
+# L2-Net keeps the paper's objective (E2 as in the paper, E3 on inner products of the maps):
+# in equal short runs it validated better than E3 on cosine similarities or no E3, and far
+# better than no E2.
 _DEFAULT_HARDNET: dict[str, Any] = {
     "loss": "hardnet",
     "optimizer": "sgd",
