@@ -19,7 +19,7 @@ import pytest
 import torch
 from conftest import SMALL_KEYPOINTS, MainResult, write_scenes
 
-from descmatch import h5
+from descmatch import h5write
 from descmatch.describe import build_describer
 from descmatch.detect import SiftDetector
 from descmatch.errors import OutputError, SchemaError
@@ -393,7 +393,7 @@ def test_full_disk_during_the_merge_keeps_everything(
     def full(src: object, dst: object) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(h5.shutil, "copyfile", full)
+    monkeypatch.setattr(h5write.shutil, "copyfile", full)
     code, _, err = call_main(
         "extract", str(folder), str(out), "-m", "rootsift", "--max-keypoints", str(SMALL_KEYPOINTS)
     )
