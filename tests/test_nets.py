@@ -95,5 +95,8 @@ def test_precision_choices() -> None:
     assert resolve_precision("auto", cpu) in ("fp32", "bf16")
     with pytest.raises(ConfigError):
         resolve_precision("fp16", cpu)
+    assert resolve_precision("int8", cpu) == "int8"  # the CPU's ONNX Runtime path
+    with pytest.raises(ConfigError, match="runs on the CPU"):
+        resolve_precision("int8", torch.device("cuda"))
     with pytest.raises(ConfigError):
-        resolve_precision("int8", cpu)
+        resolve_precision("int4", cpu)
