@@ -28,7 +28,7 @@ from .pool import PairPool, is_pool
 from .poolbuild import build_photo_pool_for
 
 if TYPE_CHECKING:
-    from .descriptors import TrainConfig
+    from .config import TrainConfig
 
 Progress = Callable[[int, int, str], None]
 DATA_KINDS = ("photos", "pool", "brown", "multiview", "hpatches")
