@@ -214,16 +214,4 @@ class TrainConfig:
 
     def run_settings(self) -> RunSettings:
         """How the Trainer drives this run."""
-        return RunSettings(
-            out_dir=Path(self.out_dir),
-            steps=self.steps,
-            seed=self.seed,
-            device=self.device,
-            precision=self.precision,
-            checkpoint_every=self.checkpoint_every,
-            eval_every=self.eval_every,
-            log_every=self.log_every,
-            resume=self.resume,
-            time_limit_s=self.time_limit_s,
-            command=self.command,
-        )
+        return RunSettings.of(self)

@@ -107,6 +107,16 @@ def fit_pool(
     )
 
 
+def _prefixed(progress: Progress | None, label: str) -> Progress:
+    """``progress`` with ``label: `` before each message (nothing without one)."""
+
+    def report(i: int, n: int, msg: str) -> None:
+        if progress:
+            progress(i, n, f"{label}: {msg}")
+
+    return report
+
+
 def open_source(
     spec: DataSpec,
     net_cls: type[DescriptorNet],
@@ -127,11 +137,6 @@ def open_source(
     if spec.kind == "photos":
         if not spec.path.is_dir():
             raise InputError(f"{spec.path}: no such photo folder")
-
-        def cb(i: int, n: int, msg: str) -> None:
-            if progress:
-                progress(i, n, f"pool {spec.path.name}: {msg}")
-
         out = build_photo_pool_for(
             spec.path,
             Path(config.out_dir) / "pools",
@@ -141,7 +146,7 @@ def open_source(
             config.pairs_per_image,
             config.seed,
             config.pool_workers,
-            cb,
+            _prefixed(progress, f"pool {spec.path.name}"),
             conf=config.photo_conf(),
             max_images=config.max_images,
             frames=config.frames,
@@ -151,11 +156,6 @@ def open_source(
         if is_pool(spec.path):
             out = spec.path
         else:
-
-            def cb_mv(i: int, n: int, msg: str) -> None:
-                if progress:
-                    progress(i, n, f"multiview pool: {msg}")
-
             out = build_multiview_pool_for(
                 spec.path,
                 Path(config.out_dir) / "pools",
@@ -163,7 +163,7 @@ def open_source(
                 config.mr_size,
                 net_cls.window_factor,
                 config.seed,
-                cb_mv,
+                _prefixed(progress, "multiview pool"),
                 frames=config.frames,
             )
         return fit_pool(MultiviewPairPool.load(out), net_cls, config, mr_sizes)
@@ -171,11 +171,6 @@ def open_source(
         if is_pool(spec.path):
             out = spec.path
         else:
-
-            def cb_hp(i: int, n: int, msg: str) -> None:
-                if progress:
-                    progress(i, n, f"hpatches pool: {msg}")
-
             out = build_hpatches_pool_for(
                 spec.path,
                 Path(config.out_dir) / "pools",
@@ -184,7 +179,7 @@ def open_source(
                 net_cls.window_factor,
                 config.pairs_per_image,
                 config.seed,
-                cb_hp,
+                _prefixed(progress, "hpatches pool"),
                 conf=config.photo_conf(),
             )
         return fit_pool(PairPool.load(out), net_cls, config, mr_sizes)

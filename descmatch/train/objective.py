@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,11 @@ class RunSettings:
             raise ConfigError("steps must be >= 1")
         if self.checkpoint_every < 1 or self.log_every < 1 or (self.eval_every or 1) < 1:
             raise ConfigError("checkpoint, eval and log intervals must be >= 1")
+
+    @classmethod
+    def of(cls, config: Any) -> RunSettings:
+        """The run settings of a training config with fields of the same names."""
+        return cls(**{f.name: getattr(config, f.name) for f in fields(cls)})
 
 
 @dataclass
