@@ -339,30 +339,34 @@ def train_cmd(
 
     if not data:
         raise DescmatchError("--data is required (e.g. --data photos:PATH/TO/photos)")
+    # What every training run takes, whatever it trains.
+    run: dict[str, Any] = {
+        "data": list(data),
+        "out_dir": out_dir or Path("runs") / method,
+        "steps": steps,
+        "seed": seed,
+        "device": str(torch_device(device)),
+        "checkpoint_every": checkpoint_every,
+        "resume": resume,
+        "time_limit_s": time_limit,
+        "command": "descmatch " + " ".join(sys.argv[1:]),
+    }
     if method in ("frames", "distill") and (recipe != "default" or loss_option):
         raise DescmatchError("--recipe and --loss-option apply to the descriptor nets")
     if method == "distill":
         from ..train.distill import DistillConfig, train_distill
 
         dcfg = DistillConfig(
-            data=list(data),
-            out_dir=out_dir or Path("runs") / method,
+            **run,
             teacher=teacher or "auto",
             net_conf={"width": width} if width else {},
-            steps=steps,
             batch_size=batch_size,
             lr=lr or 1e-3,
-            seed=seed,
-            device=str(torch_device(device)),
             precision=precision,
             eval_every=eval_every,
-            checkpoint_every=checkpoint_every,
-            resume=resume,
-            time_limit_s=time_limit,
             mr_size=mr_size,
             pairs_per_image=pairs_per_image,
             max_images=max_images,
-            command="descmatch " + " ".join(sys.argv[1:]),
         )
         with progress("train distill") as cb:
             path = train_distill(dcfg, progress=cb)
@@ -389,22 +393,15 @@ def train_cmd(
         if frames is not None:
             raise DescmatchError("--frames applies to descriptor nets, not to --method frames")
         fcfg = FramesConfig(
-            data=list(data),
-            out_dir=out_dir or Path("runs") / method,
-            steps=steps,
+            **run,
             batch_size=batch_size,
             lr=lr or 1e-3,
-            seed=seed,
-            device=str(torch_device(device)),
             max_tilt=max_tilt,
             pair_angle=pair_angle,
             pair_scale=pair_scale,
             pairs_per_image=pairs_per_image,
             max_images=max_images,
             eval_every=eval_every or 500,
-            checkpoint_every=checkpoint_every,
-            resume=resume,
-            time_limit_s=time_limit,
             init=init,
             objective=frame_loss,
             teacher=teacher,
@@ -415,7 +412,6 @@ def train_cmd(
             mean_weight=mean_weight,
             covariant_weight=covariant_weight,
             teacher_size_pool=resolve_size_pool(teacher_size_pool),
-            command="descmatch " + " ".join(sys.argv[1:]),
             precision="fp32" if precision == "auto" else precision,
         )
         with progress("train frames") as cb:
@@ -424,24 +420,17 @@ def train_cmd(
         return
     given = _given_options(ctx, ("batch_size", "sampler", "p1_fraction"))
     cfg = TrainConfig(
+        **run,
         method=method,
-        data=list(data),
-        out_dir=out_dir or Path("runs") / method,
-        steps=steps,
         recipe=recipe,
         batch_size=batch_size if "batch_size" in given else None,
         loss=loss,
         loss_options=_loss_options(loss_option or []),
         optimizer=optimizer,
         lr=lr,
-        seed=seed,
-        device=str(torch_device(device)),
         precision=precision,
         val=val,
         eval_every=eval_every,
-        checkpoint_every=checkpoint_every,
-        resume=resume,
-        time_limit_s=time_limit,
         mr_size=mr_size,
         pairs_per_image=pairs_per_image,
         max_images=max_images,
@@ -456,7 +445,6 @@ def train_cmd(
         pair_max_angle=pair_angle,
         pair_max_scale=pair_scale,
         frames=frames,
-        command="descmatch " + " ".join(sys.argv[1:]),
     )
     with progress(f"train {method}") as cb:
         path = train(cfg, progress=cb)
