@@ -17,6 +17,7 @@ Prints markdown tables; the per-image ones give ratios against RootSIFT measured
 
     python benchmarks/extract_cost.py IMAGE... [--keypoints 4000 8000] [--threads 2]
         [--size 1024x768] [--batch-sizes 64 256 1024] [--skip-nets] [--out table.md]
+        [--also LABEL=OPTIONS ...]
 """
 
 from __future__ import annotations
@@ -75,12 +76,21 @@ PIPELINES: list[tuple[str, list[str]]] = [
 ]
 
 
+def parse_also(spec: str) -> tuple[str, list[str]]:
+    """``LABEL=OPTIONS`` (``--also``) -> (label, extract options)."""
+    label, sep, opts = spec.partition("=")
+    if not sep or not label.strip():
+        raise SystemExit(f"--also {spec!r}: give LABEL=OPTIONS")
+    return label.strip(), opts.split()
+
+
 def describer_key(opts: list[str]) -> tuple:
     """What a pipeline's options resolve to: method, precision, weights, refiner, pooling."""
     flags = {"-m": "auto", "--precision": "auto", "--frames": "auto", "--size-pool": "auto"}
     flags.update(dict(zip(opts[::2], opts[1::2], strict=True)))
     d = build_describer(
         flags["-m"],
+        weights=flags.get("--weights"),
         precision=flags["--precision"],
         frames=flags["--frames"],
         size_pool=flags["--size-pool"],
@@ -336,6 +346,14 @@ def main() -> None:
     ap.add_argument("--skip-extract", action="store_true", help="no per-image extract tables")
     ap.add_argument("--students", action="store_true", help="also time candidate compact students")
     ap.add_argument("--pipelines", nargs="+", default=None, help="labels of PIPELINES to run")
+    ap.add_argument(
+        "--also",
+        action="append",
+        default=[],
+        metavar="LABEL=OPTIONS",
+        help="also time extract with these options (e.g. a student: "
+        "'student=-m student --weights W --frames none --size-pool none'), repeatable",
+    )
     ap.add_argument("--out", type=Path, default=None, help="also write the tables here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -359,6 +377,7 @@ def main() -> None:
         folder.mkdir()
         paths = prepare(args.images, (w, h), folder)
         pipes = [p for p in PIPELINES if args.pipelines is None or p[0] in args.pipelines]
+        pipes += [parse_also(spec) for spec in args.also]
         for k in [] if args.skip_extract else args.keypoints:
             results: dict[str, dict] = {}
             seen: dict[tuple, str] = {}
