@@ -18,6 +18,7 @@ from .photos import PhotoPairConfig
 from .recipe import (
     OPTIMIZERS,
     PRECISIONS,
+    RECIPE_KEYS,
     SCHEDULES,
     recipe_settings,
 )
@@ -35,6 +36,14 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
 #: Learning rate of an optimiser chosen against the method's default.
 OPTIMIZER_LR = {"sgd": 10.0, "adam": 1e-3, "adamw": 1e-3}
 assert set(OPTIMIZER_LR) == set(OPTIMIZERS)
+
+
+#: Recipe settings :meth:`TrainConfig.resolved` works out on their own (the optimiser's
+#: settings depend on which optimiser wins; the loss, its options and dropout are merged);
+#: every other recipe key is taken from the config where set, else from the recipe.
+_RESOLVED_APART = frozenset(
+    {"optimizer", "lr", "weight_decay", "dampening", "loss", "loss_options", "dropout"}
+)
 
 
 @dataclass
@@ -141,20 +150,8 @@ class TrainConfig:
         damp = pick("dampening", 0.0)
         concrete = {
             k: getattr(self, k) if getattr(self, k) is not None else r[k]
-            for k in (
-                "sampler",
-                "batch_size",
-                "images_per_batch",
-                "p1_fraction",
-                "momentum",
-                "lr_schedule",
-                "warmup_steps",
-                "augment",
-                "flip_rot90",
-                "rotation_jitter",
-                "scale_jitter",
-                "separate_passes",
-            )
+            for k in RECIPE_KEYS
+            if k not in _RESOLVED_APART
         }
         options = check_loss_options(loss, {**r["loss_options"], **(self.loss_options or {})})
         net_conf = dict(self.net_conf)
