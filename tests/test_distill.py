@@ -199,3 +199,17 @@ def test_cli_trains_a_student_and_extract_uses_it_alone(
 def test_distillation_data_must_be_photos_multiview_or_pools(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="distillation data"):
         train_distill(_cfg(f"brown:{tmp_path}", tmp_path / "run"))
+
+
+def test_pools_cut_at_other_window_sizes_are_not_mixed(
+    photos: Path, tmp_path: Path, teacher: _CountingTeacher
+) -> None:
+    train_distill(_cfg(f"photos:{photos}", tmp_path / "at10", steps=1))
+    train_distill(_cfg(f"photos:{photos}", tmp_path / "at14", steps=1, mr_size=14.0))
+    a, b = _pool_of(tmp_path / "at10"), _pool_of(tmp_path / "at14")
+    path = train_distill(_cfg(f"pool:{b}", tmp_path / "one", steps=1))
+    assert load_net("student", path).meta["mr_size"] == 14.0
+    with pytest.raises(ConfigError, match="mr_size 14.0"):
+        cfg = _cfg(f"pool:{a}", tmp_path / "mixed")
+        cfg.data.append(f"pool:{b}")
+        train_distill(cfg)

@@ -253,6 +253,12 @@ class DistillObjective(Objective):
         if any(dict(p.meta.get("teacher", {})) != self.teacher_settings for p in pools):
             raise ConfigError("the data sources were described by different teachers")
         self.mr_size = float(pools[0].meta.get("mr_size", c.mr_size))
+        for s, pool in zip(specs, pools, strict=True):
+            if float(pool.meta.get("mr_size", c.mr_size)) != self.mr_size:
+                raise ConfigError(
+                    f"{s}: the pool's patches are cut at mr_size {pool.meta.get('mr_size')}, "
+                    f"the first source's at {self.mr_size}; use pools cut alike"
+                )
         dim = int(pools[0].teacher.shape[1])
         self.net_conf = {"dim": dim, **c.net_conf}
         if int(self.net_conf["dim"]) != dim:
