@@ -4,7 +4,8 @@ On the same images, resized to --size (default 1024x768) into a temporary folder
 
   * seconds per image of `descmatch extract` (a subprocess each, --threads threads): the
     default (no options), the default in int8, the full sosnet-cs pipeline with explicit
-    options, sosnet without size pooling, RootSIFT, and OpenCV SIFT's detectAndCompute
+    options, sosnet without size pooling, the compact student (`-m student`, its own
+    precision and fp32), RootSIFT, and OpenCV SIFT's detectAndCompute
     (a subprocess too, its nfeatures = the keypoint budget), at each --keypoints; the time is
     extract's own (after start-up), the process wall time next to it, and each subprocess's
     peak RSS (ru_maxrss, from os.wait4);
@@ -72,6 +73,8 @@ PIPELINES: list[tuple[str, list[str]]] = [
         "sosnet, no size pooling, no refiner",
         ["-m", "sosnet", "--size-pool", "none"] + ["--frames", "none"],
     ),
+    ("student", ["-m", "student"]),
+    ("student, fp32", ["-m", "student", "--precision", "fp32"]),
     ("rootsift", ["-m", "rootsift"]),
 ]
 
