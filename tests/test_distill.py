@@ -213,3 +213,15 @@ def test_pools_cut_at_other_window_sizes_are_not_mixed(
         cfg = _cfg(f"pool:{a}", tmp_path / "mixed")
         cfg.data.append(f"pool:{b}")
         train_distill(cfg)
+
+
+def test_cli_photo_pair_options_make_the_distillation_pool(
+    photos: Path, tmp_path: Path, teacher: _CountingTeacher, call_main: Callable[..., MainResult]
+) -> None:
+    out = tmp_path / "cli"
+    args = ["train", "--method", "distill", "--width", "4", "--data", f"photos:{photos}"]
+    args += ["--out", str(out), "--steps", "1", "--batch-size", "16", "--pairs-per-image", "24"]
+    code, _, err = call_main(*args, "--max-tilt", "3", "--pair-angle", "50", "--pair-scale", "1.5")
+    assert code == 0, err
+    conf = TeacherPool.load(_pool_of(out)).meta["photo_conf"]
+    assert (conf["max_tilt"], conf["max_angle_diff"], conf["max_size_ratio"]) == (3.0, 50.0, 1.5)

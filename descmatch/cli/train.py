@@ -367,6 +367,9 @@ def train_cmd(
             mr_size=mr_size,
             pairs_per_image=pairs_per_image,
             max_images=max_images,
+            max_tilt=max_tilt,
+            pair_angle=pair_angle,
+            pair_scale=pair_scale,
         )
         with progress("train distill") as cb:
             path = train_distill(dcfg, progress=cb)

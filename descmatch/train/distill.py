@@ -70,8 +70,9 @@ class DistillConfig:
 
     ``net_conf`` configures the student (:class:`~descmatch.nets.student.StudentNet`:
     ``width``, ``dim``). ``pairs_per_image`` caps the pairs of a photo and
-    ``points_per_image`` the points anchored in one multi-view image. See the module docstring
-    for the data, the loss weights and validation."""
+    ``points_per_image`` the points anchored in one multi-view image; ``max_tilt``,
+    ``pair_angle`` and ``pair_scale`` make the photo pairs (:meth:`photo_conf`). See the
+    module docstring for the data, the loss weights and validation."""
 
     data: list[str] = field(default_factory=list)
     out_dir: Path = Path("runs/distill")
@@ -101,6 +102,9 @@ class DistillConfig:
     mr_size: float = DEFAULT_MR_SIZE
     pairs_per_image: int = 128
     points_per_image: int = 500
+    max_tilt: float = 1.0
+    pair_angle: float = 30.0
+    pair_scale: float = 1.2
     max_images: int | None = None
     command: str = ""
 
@@ -128,6 +132,15 @@ class DistillConfig:
     def run_settings(self) -> RunSettings:
         """How the Trainer drives this run."""
         return RunSettings.of(self)
+
+    def photo_conf(self) -> PhotoPairConfig:
+        """How the pairs of photo sources are made: camera tilts up to ``max_tilt``,
+        detected keypoints paired within ``pair_angle`` degrees and ``pair_scale``."""
+        return PhotoPairConfig(
+            max_tilt=self.max_tilt,
+            max_angle_diff=self.pair_angle,
+            max_size_ratio=self.pair_scale,
+        )
 
 
 class _Features(nn.Module):
@@ -226,7 +239,7 @@ class DistillObjective(Objective):
                 raise ConfigError(f"{spec.path}: no such photo folder")
             out = build_photo_distill_pool(
                 spec.path, root, teacher, p, c.mr_size, wf, c.pairs_per_image, c.seed,
-                PhotoPairConfig(), c.max_images, cb,
+                c.photo_conf(), c.max_images, cb,
             )  # fmt: skip
         else:
             out = build_multiview_distill_pool(
