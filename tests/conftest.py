@@ -177,6 +177,7 @@ def _restore_global_state() -> Iterator[None]:
     root.setLevel(level)
     signal.signal(signal.SIGTERM, sigterm)
     cli._state["quiet"] = False
+    cli._state["sigterm"] = False
 
 
 MainResult = tuple[int, str, str]

@@ -414,6 +414,32 @@ def test_interrupt_exits_130_with_a_message(
     assert code == 130
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_sigterm_dropped_by_a_finalizer_still_stops_the_command(
+    scene_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    call_main: Callable[..., MainResult],
+) -> None:
+    """A SIGTERM that lands while Python runs a finalizer raises its KeyboardInterrupt there,
+    where Python prints and drops it: the command still stops and exits 130."""
+    import descmatch.extract
+
+    class Finalized:
+        def __del__(self) -> None:
+            signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)  # type: ignore[operator]
+
+    real = descmatch.extract.extract
+
+    def extract_with_a_dropped_sigterm(*args: object, **kwargs: object) -> object:
+        Finalized()  # collected at once: the handler runs inside __del__
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(descmatch.extract, "extract", extract_with_a_dropped_sigterm)
+    code, _, err = call_main("extract", str(scene_dir), str(tmp_path / "f.h5"), "-m", "sift")
+    assert code == 130 and "interrupted: finished work is saved" in err, err
+
+
 def test_sigterm_saves_finished_work_and_the_rerun_completes(tmp_path: Path) -> None:
     folder = tmp_path / "imgs"
     write_scenes(folder, 40, width=256, height=192)

@@ -87,15 +87,17 @@ def _bar(*columns: Any) -> Progress | None:
 
 @contextmanager
 def progress(label: str) -> Iterator[Callable[[int, int, str], None]]:
-    """A progress callback ``(i, n, name)`` drawn as a bar on a terminal's stderr."""
+    """A progress callback ``(i, n, name)`` drawn as a bar on a terminal's stderr; it stops
+    the command (KeyboardInterrupt) once a SIGTERM has arrived."""
     bar = _bar(TimeRemainingColumn())
     if bar is None:
-        yield lambda i, n, name: None
+        yield lambda i, n, name: _stop_if_terminated()
         return
     task = bar.add_task(label, total=None, name="")
     with bar:
 
         def update(i: int, n: int, name: str) -> None:
+            _stop_if_terminated()
             bar.update(task, completed=i, total=n, name=name[-40:])
 
         yield update
@@ -103,15 +105,17 @@ def progress(label: str) -> Iterator[Callable[[int, int, str], None]]:
 
 @contextmanager
 def stage_progress(label: str) -> Iterator[Callable[[str, int, int, str], None]]:
-    """A progress callback ``(stage, i, n, name)`` for multi-stage commands (sfm)."""
+    """A progress callback ``(stage, i, n, name)`` for multi-stage commands (sfm), as
+    :func:`progress`."""
     bar = _bar()
     if bar is None:
-        yield lambda stage, i, n, name: None
+        yield lambda stage, i, n, name: _stop_if_terminated()
         return
     task = bar.add_task(label, total=None, name="")
     with bar:
 
         def update(stage: str, i: int, n: int, name: str) -> None:
+            _stop_if_terminated()
             bar.update(task, description=stage, completed=i, total=n, name=name[-40:])
 
         yield update
@@ -130,7 +134,16 @@ def torch_device(spec: str) -> Any:
 
 
 def _sigterm(signum: int, frame: object) -> None:
+    # Remembered as well as raised: a KeyboardInterrupt raised while Python runs a finalizer
+    # or a weakref callback is printed and dropped, and the command would go on and exit 0.
+    _state["sigterm"] = True
     raise KeyboardInterrupt
+
+
+def _stop_if_terminated() -> None:
+    """Raise the KeyboardInterrupt of a SIGTERM that was dropped (see :func:`_sigterm`)."""
+    if _state.get("sigterm"):
+        raise KeyboardInterrupt
 
 
 def _interrupted() -> None:
@@ -155,6 +168,7 @@ def _hoist_global_flags(argv: list[str]) -> list[str]:
 
 def main() -> None:
     """The console entry point."""
+    _state["sigterm"] = False
     signal.signal(signal.SIGTERM, _sigterm)
     try:
         rv = app(args=_hoist_global_flags(sys.argv[1:]), standalone_mode=False)
@@ -174,7 +188,7 @@ def main() -> None:
             show()
             sys.exit(code)
         raise
-    if rv == 130:  # typer turns KeyboardInterrupt into an exit code of 130
+    if rv == 130 or _state.get("sigterm"):  # typer turns KeyboardInterrupt into 130
         _interrupted()
     if isinstance(rv, int) and rv:
         sys.exit(rv)
