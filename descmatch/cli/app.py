@@ -37,7 +37,7 @@ app = typer.Typer(
 # Piped output is not squeezed into 80 columns.
 out = Console(width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
-_state: dict[str, Any] = {"quiet": False}
+_state: dict[str, Any] = {"quiet": False, "sigterm": False}
 
 
 def _version(value: bool) -> None:
@@ -142,7 +142,7 @@ def _sigterm(signum: int, frame: object) -> None:
 
 def _stop_if_terminated() -> None:
     """Raise the KeyboardInterrupt of a SIGTERM that was dropped (see :func:`_sigterm`)."""
-    if _state.get("sigterm"):
+    if _state["sigterm"]:
         raise KeyboardInterrupt
 
 
@@ -188,7 +188,7 @@ def main() -> None:
             show()
             sys.exit(code)
         raise
-    if rv == 130 or _state.get("sigterm"):  # typer turns KeyboardInterrupt into 130
+    if rv == 130 or _state["sigterm"]:  # typer turns KeyboardInterrupt into 130
         _interrupted()
     if isinstance(rv, int) and rv:
         sys.exit(rv)

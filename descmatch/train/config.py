@@ -192,11 +192,7 @@ class TrainConfig:
 
     def photo_conf(self) -> PhotoPairConfig:
         """How photo (and HPatches) pairs are made."""
-        return PhotoPairConfig(
-            max_tilt=self.max_tilt,
-            max_angle_diff=self.pair_max_angle,
-            max_size_ratio=self.pair_max_scale,
-        )
+        return PhotoPairConfig.of_pairs(self.max_tilt, self.pair_max_angle, self.pair_max_scale)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}

@@ -136,11 +136,7 @@ class DistillConfig:
     def photo_conf(self) -> PhotoPairConfig:
         """How the pairs of photo sources are made: camera tilts up to ``max_tilt``,
         detected keypoints paired within ``pair_angle`` degrees and ``pair_scale``."""
-        return PhotoPairConfig(
-            max_tilt=self.max_tilt,
-            max_angle_diff=self.pair_angle,
-            max_size_ratio=self.pair_scale,
-        )
+        return PhotoPairConfig.of_pairs(self.max_tilt, self.pair_angle, self.pair_scale)
 
 
 class _Features(nn.Module):
@@ -255,6 +251,7 @@ class DistillObjective(Objective):
         needs_teacher = any(s.kind != "pool" for s in specs)
         teacher = load_teacher(c.teacher) if needs_teacher else None
         pools = [self._open_source(s, teacher) for s in specs]
+        self.mr_size = float(pools[0].meta.get("mr_size", c.mr_size))
         for s, pool in zip(specs, pools, strict=True):
             meta = pool.meta
             if (meta.get("patch_size"), meta.get("window_factor")) != (
@@ -262,16 +259,14 @@ class DistillObjective(Objective):
                 StudentNet.window_factor,
             ):
                 raise ConfigError(f"{s}: the pool is not cut for the student's input")
+            if float(meta.get("mr_size", c.mr_size)) != self.mr_size:
+                raise ConfigError(
+                    f"{s}: the pool's patches are cut at mr_size {meta.get('mr_size')}, "
+                    f"the first source's at {self.mr_size}; use pools cut alike"
+                )
         self.teacher_settings = dict(pools[0].meta.get("teacher", {}))
         if any(dict(p.meta.get("teacher", {})) != self.teacher_settings for p in pools):
             raise ConfigError("the data sources were described by different teachers")
-        self.mr_size = float(pools[0].meta.get("mr_size", c.mr_size))
-        for s, pool in zip(specs, pools, strict=True):
-            if float(pool.meta.get("mr_size", c.mr_size)) != self.mr_size:
-                raise ConfigError(
-                    f"{s}: the pool's patches are cut at mr_size {pool.meta.get('mr_size')}, "
-                    f"the first source's at {self.mr_size}; use pools cut alike"
-                )
         dim = int(pools[0].teacher.shape[1])
         self.net_conf = {"dim": dim, **c.net_conf}
         if int(self.net_conf["dim"]) != dim:

@@ -39,9 +39,7 @@ CONTEXT_PX = 80
 
 
 def _pair_config(cfg: FramesConfig) -> PhotoPairConfig:
-    return PhotoPairConfig(
-        max_tilt=cfg.max_tilt, max_angle_diff=cfg.pair_angle, max_size_ratio=cfg.pair_scale
-    )
+    return PhotoPairConfig.of_pairs(cfg.max_tilt, cfg.pair_angle, cfg.pair_scale)
 
 
 def build_frame_pool(

@@ -110,6 +110,12 @@ class PhotoPairConfig:
         (pools made before orientations mapped as gradients get other names: not reused)."""
         return {**asdict(self), "angle_map": ANGLE_MAP}
 
+    @classmethod
+    def of_pairs(cls, max_tilt: float, pair_angle: float, pair_scale: float) -> PhotoPairConfig:
+        """The defaults with the training options ``--max-tilt``, ``--pair-angle`` (degrees
+        a detected pair's orientations may differ) and ``--pair-scale`` (their size ratio)."""
+        return cls(max_tilt=max_tilt, max_angle_diff=pair_angle, max_size_ratio=pair_scale)
+
 
 @dataclass
 class PhotoPairs:
