@@ -102,7 +102,7 @@ class NetDescriber:
     the refiner's).
 
     With a ``frames`` net, calling the describer first refines the keypoints' frames
-    (:meth:`refine`: in fp32, or in int8 with ``int8_frames``; with ``upright``, sizes only)
+    (:meth:`refine`: in ``precision``, int8 with ``int8_frames``; with ``upright``, sizes only)
     and describes the patches cut in the refined frames;
     :meth:`describe` and :meth:`describe_many` take the frames as given.
 
@@ -148,8 +148,12 @@ class NetDescriber:
             raise ConfigError("--precision int8: no int8 model given for the frame refiner")
         self.int8_net = int8_net if self.precision == "int8" else None
         self.int8_frames = int8_frames if self.precision == "int8" else None
-        if self.precision == "fp32" and device.type == "cpu":
+        if device.type == "cpu" and self.precision != "int8":
+            # Thin convolutions run faster channels-last on the CPU, in fp32 and in bf16
+            # (benchmarks/extract_cost.py); a (N,1,P,P) patch batch is already laid out so.
             self.net = self.net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+            if self.frames is not None:
+                self.frames = self.frames.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
 
     @torch.inference_mode()
     def patches(self, image: np.ndarray, kps: Keypoints) -> torch.Tensor:
@@ -195,12 +199,9 @@ class NetDescriber:
             if not out:
                 return torch.zeros((0, self.dim), device=self.device)
             return torch.nn.functional.normalize(torch.cat(out), dim=1)
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
-        if dtype is None and self.device.type == "cpu":
+        if self.device.type == "cpu":
             patches = patches.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(
-            self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None
-        ):
+        with self._autocast():
             out = [
                 self.net(patches[i : i + self.batch_size]).float()
                 for i in range(0, patches.shape[0], self.batch_size)
@@ -210,18 +211,27 @@ class NetDescriber:
         # Reduced precision rounds the net's own L2 normalisation: redo it in float32.
         return torch.nn.functional.normalize(torch.cat(out).float(), dim=1)
 
+    def _autocast(self) -> torch.autocast:
+        """The nets' reduced precision (bf16, fp16), or fp32 as they are."""
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        return torch.autocast(
+            self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None
+        )
+
     def refine(self, image: np.ndarray, kps: Keypoints) -> Keypoints:
-        """The keypoints in the frames net's frames (as they are without one)."""
+        """The keypoints in the frames net's frames (as they are without one), in the
+        describer's precision."""
         if self.frames is None or len(kps) == 0:
             return kps
-        out = refined_keypoints(
-            self.int8_frames or self.frames,  # an Int8Net answers the FrameNet's call
-            image,
-            kps,
-            self.device,
-            self.frames_mr_size,
-            self.batch_size,
-        )
+        with self._autocast():
+            out = refined_keypoints(
+                self.int8_frames or self.frames,  # an Int8Net answers the FrameNet's call
+                image,
+                kps,
+                self.device,
+                self.frames_mr_size,
+                self.batch_size,
+            )
         return replace(out, angle=kps.angle) if self.upright else out
 
     def describe(self, image: np.ndarray, kps: Keypoints) -> np.ndarray:
