@@ -22,7 +22,7 @@ from .nets import NETS, DescriptorNet, FrameNet
 from .nets.fold import fold_batchnorm
 from .nets.frames import refined_keypoints
 from .patches import DEFAULT_MR_SIZE, build_pyramid, extract_patches
-from .weights import LoadedNet, default_method, load_net, weights_dir
+from .weights import LoadedNet, default_method, load_net, sha256, weights_dir
 
 log = logging.getLogger(__name__)
 
@@ -371,6 +371,25 @@ def _int8_models(
     return "int8", models[0], (models[1] if refiner is not None else None)
 
 
+def _student_refiner(loaded: LoadedNet) -> str | None:
+    """The refiner a student's meta names: None for "none", else the file beside its
+    weights, checked against the sha256 the student was trained with."""
+    name = str(loaded.meta["frames"])
+    if name == "none":
+        return None
+    path = loaded.path.parent / name
+    if not path.is_file():
+        raise WeightsError(
+            f"{loaded.path}: its frame refiner {name} is not beside it; copy it there or "
+            "give --frames"
+        )
+    if sha256(path) != loaded.meta.get("frames_sha256"):
+        raise WeightsError(
+            f"{path}: not the frame refiner {loaded.path.name} was trained with (sha256 differs)"
+        )
+    return str(path)
+
+
 def build_describer(
     method: str,
     weights: str | None = None,
@@ -396,9 +415,10 @@ def build_describer(
             raise ConfigError(f"--size-pool does not apply to --method {method}")
         return SiftDescriber(root=method == "rootsift")
     loaded = load_net(method, weights)
-    # A net trained to describe the detector's frame alone (a distilled student) says so.
-    if loaded.meta.get("frames") == "none" and frames == FRAMES_AUTO:
-        frames = None
+    # A distilled student names the refiner it was trained with: "none" (the detector's
+    # frame alone) or its own refiner's file beside its weights.
+    if frames == FRAMES_AUTO and "frames" in loaded.meta and method == "student":
+        frames = _student_refiner(loaded)
     if loaded.meta.get("size_pool") == [1.0] and size_pool == SIZE_POOL_AUTO:
         size_pool = None
     pool = resolve_size_pool(size_pool)

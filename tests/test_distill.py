@@ -14,15 +14,15 @@ from conftest import MainResult, write_scenes
 
 import descmatch.train.distill as distill_mod
 from descmatch.describe import NetDescriber, build_describer
-from descmatch.errors import ConfigError
-from descmatch.nets import NETS, build_net
+from descmatch.errors import ConfigError, WeightsError
+from descmatch.nets import NETS, FrameNet, build_net
 from descmatch.nets.cost import count_macs
 from descmatch.nets.fold import fold_batchnorm
 from descmatch.train.distill import DistillConfig, train_distill
 from descmatch.train.distillpool import Teacher, TeacherPool, photo_distill_pairs
 from descmatch.train.photos import PhotoPairConfig, load_photo
 from descmatch.train.runlog import read_log
-from descmatch.weights import load_net
+from descmatch.weights import load_net, save_checkpoint, sha256
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -225,3 +225,72 @@ def test_cli_photo_pair_options_make_the_distillation_pool(
     assert code == 0, err
     conf = TeacherPool.load(_pool_of(out)).meta["photo_conf"]
     assert (conf["max_tilt"], conf["max_angle_diff"], conf["max_size_ratio"]) == (3.0, 50.0, 1.5)
+
+
+def _refiner(path: Path) -> Path:
+    """A small frame refiner that does rescale: its head's bias moves every log scale."""
+    torch.manual_seed(5)
+    net = FrameNet({"width": 2})
+    with torch.no_grad():
+        assert net.head.bias is not None
+        net.head.bias.fill_(0.8)
+    return save_checkpoint(path, net, {"mr_size": 10.0})
+
+
+def test_a_student_with_its_own_refiner_is_cut_trained_and_described_in_its_frames(
+    photos: Path,
+    tmp_path: Path,
+    teacher: _CountingTeacher,
+    call_main: Callable[..., MainResult],
+) -> None:
+    ref = _refiner(tmp_path / "ref.pt")
+    run = tmp_path / "run"
+    path = train_distill(_cfg(f"photos:{photos}", run, steps=1, frames=str(ref)))
+    pool = TeacherPool.load(_pool_of(run))
+    assert pool.meta["frames_sha256"] == sha256(ref)
+    # The student's views are cut in the refined frames; the teacher describes the detector's.
+    first = sorted(photos.iterdir())[0]
+    args = (PhotoPairConfig(), 64, 10.0, 2.0, 24)
+    plain_views, plain = photo_distill_pairs(
+        load_photo(first), np.random.default_rng([0, 0]), _CountingTeacher(), *args
+    )
+    views, desc = photo_distill_pairs(
+        load_photo(first),
+        np.random.default_rng([0, 0]),
+        _CountingTeacher(),
+        *args,
+        load_net("frames", ref).net,
+        10.0,
+    )
+    k = len(views)
+    np.testing.assert_array_equal(pool.views[:k], views)
+    assert np.abs(views.astype(int) - plain_views).mean() > 5
+    np.testing.assert_array_equal(desc, plain)
+    # The student names its refiner, a copy beside it, and describes with it by default.
+    meta = load_net("student", path).meta
+    assert meta["frames"] == "student-frames.pt" and meta["frames_sha256"] == sha256(ref)
+    assert sha256(run / "student-frames.pt") == sha256(ref)
+    d = build_describer("student", str(path))
+    assert isinstance(d, NetDescriber) and d.frames is not None
+    plain_d = build_describer("student", str(path), frames="none")
+    assert isinstance(plain_d, NetDescriber) and plain_d.frames is None
+    # A pool is used only with the refiner that cut it.
+    cut_elsewhere = "cut in the frames of the refiner with sha256 .*, the run's in the detector's"
+    with pytest.raises(ConfigError, match=cut_elsewhere):
+        train_distill(_cfg(f"pool:{_pool_of(tmp_path / 'run')}", tmp_path / "x", frames=None))
+    code, _, err = call_main(
+        "train", "--method", "distill", "--width", "4", "--data", f"pool:{_pool_of(run)}",
+        "--out", str(tmp_path / "cli"), "--steps", "1", "--batch-size", "16",
+        "--frames", str(ref),
+    )  # fmt: skip
+    assert code == 0, err
+    assert load_net("student", tmp_path / "cli" / "student.pt").meta["frames_sha256"] == sha256(ref)
+    # Without its refiner beside it, or with another one there, the student says so.
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    (moved / "student.pt").write_bytes(path.read_bytes())
+    with pytest.raises(WeightsError, match="student-frames.pt is not beside it"):
+        build_describer("student", str(moved / "student.pt"))
+    save_checkpoint(moved / "student-frames.pt", FrameNet({"width": 2}), {})
+    with pytest.raises(WeightsError, match="sha256 differs"):
+        build_describer("student", str(moved / "student.pt"))

@@ -252,7 +252,8 @@ def train_cmd(
             help="Descriptor nets: cut the "
             "photo and multiview training patches in the refined frames of this "
             "frame net (a file or shipped name, e.g. frames), as --frames cuts "
-            "them at inference.",
+            "them at inference. distill: the student's own refiner, written beside "
+            "it and used wherever the student describes.",
         ),
     ] = None,
     frame_loss: Annotated[
@@ -370,6 +371,7 @@ def train_cmd(
             max_tilt=max_tilt,
             pair_angle=pair_angle,
             pair_scale=pair_scale,
+            frames=frames,
         )
         with progress("train distill") as cb:
             path = train_distill(dcfg, progress=cb)

@@ -11,6 +11,10 @@ of :class:`~descmatch.train.trainer.Trainer` (checkpoints, exact resume, logs, t
   observation, cut ONCE in the detector's frame, and the teacher's descriptor of that
   keypoint (its own refined frames and size pooling on the same image), so the teacher never
   runs during training and the student learns the refiner and the pooling too;
+* frames (``frames``, optional): a frame refiner of the student's own; its patches are then
+  cut in that refiner's frames (pools record its sha256), a copy of the refiner is written
+  beside the student as ``student-frames.pt`` and the student's meta names it, so that
+  describing with the student refines the frames with it first;
 * batches: one source per batch (drawn by weight), its points chosen by the ``same-image``
   sampler (``images_per_batch`` photos or anchor images, hard negatives), each point's anchor
   and another of its views; no augmentation (the teacher's descriptors are of the patches as
@@ -29,6 +33,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -38,6 +43,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..atomic import atomic_write
 from ..errors import ConfigError
 from ..nets import build_net
 from ..nets.student import StudentNet
@@ -54,6 +60,7 @@ from .evaluation import describe_patches, fpr_at_recall
 from .losses import hardnet_loss
 from .objective import Objective, RunEnv, RunSettings, StepContext
 from .photos import PhotoPairConfig
+from .poolbuild import frames_settings
 from .recipe import Recipe
 from .samplers import SamplerOptions, make_sampler
 from .trainer import Trainer
@@ -106,6 +113,7 @@ class DistillConfig:
     pair_angle: float = 30.0
     pair_scale: float = 1.2
     max_images: int | None = None
+    frames: str | None = None
     command: str = ""
 
     def check(self) -> None:
@@ -216,6 +224,10 @@ class DistillObjective(Objective):
     def check(self, env: RunEnv) -> None:
         self.env = env
         build_net("student", self.config.net_conf)  # unknown keys fail before any work
+        if self.config.frames is not None:
+            from ..weights import load_net
+
+            load_net("frames", self.config.frames)  # a frame refiner, or fail now
 
     def _open_source(self, spec: DataSpec, teacher: Teacher | None) -> TeacherPool:
         c = self.config
@@ -235,12 +247,13 @@ class DistillObjective(Objective):
                 raise ConfigError(f"{spec.path}: no such photo folder")
             out = build_photo_distill_pool(
                 spec.path, root, teacher, p, c.mr_size, wf, c.pairs_per_image, c.seed,
-                c.photo_conf(), c.max_images, cb,
+                c.photo_conf(), c.max_images, cb, frames=c.frames,
             )  # fmt: skip
         else:
             out = build_multiview_distill_pool(
-                spec.path, root, teacher, p, c.mr_size, wf, c.seed, c.points_per_image, cb
-            )
+                spec.path, root, teacher, p, c.mr_size, wf, c.seed, c.points_per_image, cb,
+                frames=c.frames,
+            )  # fmt: skip
         return TeacherPool.load(out)
 
     def open(self, env: RunEnv) -> None:
@@ -252,6 +265,7 @@ class DistillObjective(Objective):
         teacher = load_teacher(c.teacher) if needs_teacher else None
         pools = [self._open_source(s, teacher) for s in specs]
         self.mr_size = float(pools[0].meta.get("mr_size", c.mr_size))
+        self.frames_sha256 = frames_settings(c.frames).get("frames_sha256")
         for s, pool in zip(specs, pools, strict=True):
             meta = pool.meta
             if (meta.get("patch_size"), meta.get("window_factor")) != (
@@ -263,6 +277,12 @@ class DistillObjective(Objective):
                 raise ConfigError(
                     f"{s}: the pool's patches are cut at mr_size {meta.get('mr_size')}, "
                     f"the first source's at {self.mr_size}; use pools cut alike"
+                )
+            if meta.get("frames_sha256") != self.frames_sha256:
+                raise ConfigError(
+                    f"{s}: the pool's patches are cut in {_frames_words(meta.get('frames_sha256'))}"
+                    f", the run's in {_frames_words(self.frames_sha256)}; give --frames the "
+                    "refiner that cut the pool"
                 )
         self.teacher_settings = dict(pools[0].meta.get("teacher", {}))
         if any(dict(p.meta.get("teacher", {})) != self.teacher_settings for p in pools):
@@ -278,6 +298,8 @@ class DistillObjective(Objective):
         pools[0] = train_part
         if d.main:
             self.val = _val_set(held, c.val_points, c.seed)
+        if c.frames is not None and d.main:
+            _copy_refiner(c.frames, Path(c.out_dir) / STUDENT_FRAMES)
         if d.active and d.main:
             d.barrier()
         self.pools = pools
@@ -383,10 +405,34 @@ class DistillObjective(Objective):
             "val_cos": val["val_cos"] if val else None,
             "mr_size": self.mr_size,
             "patch_size": StudentNet.patch_size,
-            # The student describes one patch in the detector's frame: no refiner, no pooling.
-            "frames": "none",
+            # The student describes one patch, in the detector's frame or in its own
+            # refiner's (a file beside the student's weights): no pooling.
+            **(
+                {"frames": STUDENT_FRAMES, "frames_sha256": self.frames_sha256}
+                if self.frames_sha256
+                else {"frames": "none"}
+            ),
             "size_pool": [1.0],
         }
+
+
+#: The file name of a student's own frame refiner, beside its weights.
+STUDENT_FRAMES = "student-frames.pt"
+
+
+def _frames_words(sha: str | None) -> str:
+    return f"the frames of the refiner with sha256 {sha[:12]}" if sha else "the detector's frames"
+
+
+def _copy_refiner(frames: str, dest: Path) -> None:
+    """Write the student's refiner beside its weights (atomically; kept when it is there)."""
+    from ..weights import resolve, sha256
+
+    src = resolve("frames", frames)
+    if dest.is_file() and sha256(dest) == sha256(src):
+        return
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(dest, lambda tmp: shutil.copyfile(src, tmp))
 
 
 def train_distill(config: DistillConfig, progress: Progress | None = None) -> Path:

@@ -5,9 +5,10 @@ A distillation pool is a folder:
 
 * ``views.npy`` (M,P,P) uint8 and ``view_offsets.npy`` (T+1,): the observations of point k are
   rows ``view_offsets[k]:view_offsets[k+1]`` (two for a photo pair, a track's views for a
-  multi-view point), each cut ONCE in the detector's frame with the student's patch size,
-  ``mr_size`` and window factor; a multi-view pool keeps these in its source pool (named in
-  the meta) and holds only the teacher's descriptors;
+  multi-view point), each cut ONCE in the detector's frame (or, built with a frame refiner,
+  in its refined frames) with the student's patch size, ``mr_size`` and window factor; a
+  multi-view pool keeps these in its source pool (named in the meta) and holds only the
+  teacher's descriptors;
 * ``teacher.npy`` (M,D) float16: the teacher pipeline's descriptor of every observation, as
   the teacher describes that keypoint at inference (its own frame refiner, size pooling and
   patch cuts, on the same image), so training runs the student alone;
@@ -38,6 +39,8 @@ from ..atomic import atomic_save_npy, atomic_savez, atomic_write_text
 from ..detect import Keypoints
 from ..errors import ConfigError, ImageReadError, InputError, OutputError
 from ..images import read_image, resize_max
+from ..nets.frames import refine_frames
+from ..patches import DEFAULT_MR_SIZE, build_pyramid, extract_patches
 from .photos import (
     PhotoPairConfig,
     load_photo,
@@ -47,7 +50,7 @@ from .photos import (
     warp_image,
 )
 from .pool import VIEW_OFFSETS_FILE, VIEWS_FILE, MultiviewPairPool, load_array, read_meta
-from .poolbuild import _select_images, start_pool_build
+from .poolbuild import _frames_net, _select_images, frames_settings, start_pool_build
 
 log = logging.getLogger(__name__)
 
@@ -143,10 +146,13 @@ def photo_distill_pairs(
     mr_size: float,
     window_factor: float,
     max_pairs: int,
+    frames: Any = None,
+    frames_mr_size: float = DEFAULT_MR_SIZE,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """One photo's pairs: the student's patches in the detector's frames and the teacher's
-    descriptors of both keypoints on the two images. Shape: -> (2K,P,P) uint8 (pair k is rows
-    2k, 2k+1), (2K,D) float32."""
+    """One photo's pairs: the student's patches in the detector's frames (in the refined
+    frames of a ``frames`` net when one is given) and the teacher's descriptors of both
+    keypoints on the two images, from the detector's frames as the teacher describes them at
+    inference. Shape: -> (2K,P,P) uint8 (pair k is rows 2k, 2k+1), (2K,D) float32."""
     image = np.ascontiguousarray(image, np.float32)
     src, dst, h = _photo_images(image, copy.deepcopy(rng), conf)
     res = photo_pairs(image, rng, conf, patch_size, mr_size, window_factor, max_pairs)
@@ -156,9 +162,43 @@ def photo_distill_pairs(
     views = res.patches.reshape(2 * k, patch_size, patch_size)
     if k == 0:
         return views, np.zeros((0, 0), np.float32)
+    if frames is not None:
+        cut = [
+            refined_views(frames, frames_mr_size, im, xy, size, angle, patch_size, mr_size,
+                          window_factor)
+            for im, xy, size, angle in (
+                (src, res.src_xy, res.src_size, res.src_angle),
+                (dst, res.dst_xy, res.dst_size, res.dst_angle),
+            )
+        ]  # fmt: skip
+        views = np.stack(cut, 1).reshape(2 * k, patch_size, patch_size)
     ta = teacher(src, res.src_xy, res.src_size, res.src_angle)
     tb = teacher(dst, res.dst_xy, res.dst_size, res.dst_angle)
     return views, np.stack([ta, tb], 1).reshape(2 * k, -1)
+
+
+def refined_views(
+    frames: Any,
+    frames_mr_size: float,
+    image: np.ndarray,
+    xy: np.ndarray,
+    size: np.ndarray,
+    angle: np.ndarray,
+    patch_size: int,
+    mr_size: float,
+    window_factor: float,
+) -> np.ndarray:
+    """Patches cut in the refined frames of the ``frames`` net, as a describer that uses it
+    cuts them. Shape: image (H,W) float32, xy (N,2), size, angle (N,) -> (N,P,P) uint8."""
+    with torch.inference_mode():
+        t = torch.from_numpy(np.ascontiguousarray(image, np.float32))
+        pyr = build_pyramid(t)
+        size, angle = refine_frames(frames, t, xy, size, angle, frames_mr_size, pyramid=pyr)
+        p = extract_patches(
+            t, xy, size, angle, patch_size=patch_size, mr_size=mr_size,
+            window_factor=window_factor, pyramid=pyr,
+        )  # fmt: skip
+        return (p[:, 0] * 255.0 + 0.5).clamp_(0, 255).to(torch.uint8).numpy()
 
 
 def build_photo_distill_pool(
@@ -174,8 +214,11 @@ def build_photo_distill_pool(
     max_images: int | None = None,
     progress: Progress | None = None,
     chunk_images: int = 16,
+    frames: str | None = None,
 ) -> Path:
-    """Build (or reuse) the distillation pool of a photo folder under ``cache_root``."""
+    """Build (or reuse) the distillation pool of a photo folder under ``cache_root``; with
+    ``frames`` (a frame refiner's file or shipped name) the student's patches are cut in its
+    refined frames."""
     items = _select_images([photo_dir], max_images, seed)
     settings = {
         "format": DISTILL_FORMAT,
@@ -191,11 +234,13 @@ def build_photo_distill_pool(
         "photo_conf": conf.settings(),
         "teacher": teacher.settings,
         "chunk_images": chunk_images,
+        **frames_settings(frames),
     }
     out = Path(cache_root) / f"distill-{Path(photo_dir).resolve().name}-{_key(settings)}"
     settings, parts = _start(out, settings)
     if parts is None:
         return out
+    refiner, refiner_mr = _frames_net(frames)
     chunks = [
         range(s, min(s + chunk_images, len(items))) for s in range(0, len(items), chunk_images)
     ]
@@ -219,6 +264,8 @@ def build_photo_distill_pool(
                 mr_size,
                 window_factor,
                 pairs_per_image,
+                refiner,
+                refiner_mr,
             )
             views.append(v)
             feats.append(t.reshape(len(v), teacher.dim))
@@ -261,13 +308,16 @@ def build_multiview_distill_pool(
     seed: int,
     max_points_per_image: int | None = 2000,
     progress: Progress | None = None,
+    frames: str | None = None,
 ) -> Path:
     """Build (or reuse) the distillation pool of multi-view scenes under ``cache_root``: the
-    multi-view pool of the tracks (built there too) and the teacher's descriptors of every
-    view, described on the scene's images at the tracks' keypoints."""
+    multi-view pool of the tracks (built there too; its patches in the refined frames of
+    ``frames`` when given) and the teacher's descriptors of every view, described on the
+    scene's images at the tracks' keypoints (the detector's frames)."""
     from .multiview import build_multiview_pool
 
     key = [str(Path(scenes).resolve()), patch_size, mr_size, window_factor, seed]
+    key += list(frames_settings(frames).values())
     base = Path(cache_root) / f"multiview-{Path(scenes).resolve().name}-{_key(*key)}"
     base = build_multiview_pool(
         scenes,
@@ -278,6 +328,7 @@ def build_multiview_distill_pool(
         seed=seed,
         max_points_per_image=max_points_per_image,
         progress=progress,
+        frames=frames,
     )
     bmeta = read_meta(base)
     settings = {
@@ -288,6 +339,7 @@ def build_multiview_distill_pool(
         "mr_size": mr_size,
         "window_factor": window_factor,
         "teacher": teacher.settings,
+        **frames_settings(frames),
     }
     out = Path(cache_root) / f"distill-{base.name}-{_key(settings)}"
     settings, parts = _start(out, settings)
