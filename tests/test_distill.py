@@ -19,9 +19,10 @@ from descmatch.nets import NETS, FrameNet, build_net
 from descmatch.nets.cost import count_macs
 from descmatch.nets.fold import fold_batchnorm
 from descmatch.train.distill import DistillConfig, train_distill
-from descmatch.train.distillpool import Teacher, TeacherPool, photo_distill_pairs
+from descmatch.train.distillpool import Teacher, photo_distill_pairs
 from descmatch.train.photos import PhotoPairConfig, load_photo
 from descmatch.train.runlog import read_log
+from descmatch.train.teacherpool import TeacherPool
 from descmatch.weights import load_net, save_checkpoint, sha256
 
 pytestmark = pytest.mark.usefixtures("one_thread")

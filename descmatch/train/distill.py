@@ -51,18 +51,19 @@ from ..patches import DEFAULT_MR_SIZE
 from .data import DataSpec
 from .distillpool import (
     Teacher,
-    TeacherPool,
     build_multiview_distill_pool,
     build_photo_distill_pool,
     load_teacher,
 )
-from .evaluation import describe_patches, fpr_at_recall
+from .distillval import DistillValSet
+from .evaluation import describe_patches
 from .losses import hardnet_loss
 from .objective import Objective, RunEnv, RunSettings, StepContext
 from .photos import PhotoPairConfig
 from .poolbuild import frames_settings
 from .recipe import Recipe
 from .samplers import SamplerOptions, make_sampler
+from .teacherpool import TeacherPool
 from .trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -158,43 +159,8 @@ class _Features(nn.Module):
         return self.net.forward_features(x)  # type: ignore[operator,no-any-return]
 
 
-@dataclass
-class _Val:
-    """Verification pairs over view rows of the held-out points. Shape: rows (M,) into the
-    pool's views; idx0, idx1 (L,) into rows; is_match (L,) bool; teacher_fpr95 a float."""
-
-    patches: np.ndarray
-    teacher: np.ndarray
-    idx0: np.ndarray
-    idx1: np.ndarray
-    is_match: np.ndarray
-    teacher_fpr95: float
-
-
 def _sub_seed(seed: int, k: int) -> int:
     return int(np.random.SeedSequence([seed, k, 43]).generate_state(1)[0])
-
-
-def _distances(desc: np.ndarray, idx0: np.ndarray, idx1: np.ndarray) -> np.ndarray:
-    return np.asarray(np.linalg.norm(desc[idx0] - desc[idx1], axis=1))
-
-
-def _val_set(pool: TeacherPool, n: int, seed: int) -> _Val:
-    """Each chosen point gives its matching pair and a negative: its anchor with the second view
-    of the next chosen point (points sorted, so mostly of the same image: hard)."""
-    rng = np.random.default_rng([seed, 31])
-    n = min(n, pool.num_points)
-    if n < 2:
-        raise ConfigError(f"{pool.name}: validation needs at least 2 held-out points")
-    pts = np.sort(rng.choice(pool.num_points, n, replace=False))
-    rows = pool.gather_rows(pts, rng)  # (n,2)
-    a = np.arange(n) * 2
-    idx0 = np.concatenate([a, a])
-    idx1 = np.concatenate([a + 1, np.roll(a, -1) + 1])
-    is_match = np.r_[np.ones(n, bool), np.zeros(n, bool)]
-    teacher = np.asarray(pool.teacher[rows.reshape(-1)], np.float32)
-    t_fpr = fpr_at_recall(_distances(teacher, idx0, idx1), is_match, 0.95)
-    return _Val(pool.read(rows.reshape(-1)), teacher, idx0, idx1, is_match, t_fpr)
 
 
 class DistillObjective(Objective):
@@ -215,7 +181,7 @@ class DistillObjective(Objective):
             schedule=config.lr_schedule,
             warmup_steps=config.warmup_steps,
         )
-        self.val: _Val | None = None
+        self.val: DistillValSet | None = None
         self.teacher_settings: dict[str, Any] = {}
 
     def settings(self) -> dict[str, Any]:
@@ -297,7 +263,7 @@ class DistillObjective(Objective):
         assert isinstance(train_part, TeacherPool) and isinstance(held, TeacherPool)
         pools[0] = train_part
         if d.main:
-            self.val = _val_set(held, c.val_points, c.seed)
+            self.val = DistillValSet.of(held, c.val_points, c.seed)
         if c.frames is not None and d.main:
             _copy_refiner(c.frames, Path(c.out_dir) / STUDENT_FRAMES)
         if d.active and d.main:
@@ -374,11 +340,7 @@ class DistillObjective(Objective):
             return None
         with self.env.autocast():
             desc = describe_patches(net, v.patches, self.env.device, self.config.eval_batch_size)
-        return {
-            "fpr95": fpr_at_recall(_distances(desc, v.idx0, v.idx1), v.is_match, 0.95),
-            "teacher_fpr95": v.teacher_fpr95,
-            "val_cos": float((desc * v.teacher).sum(1).mean()),
-        }
+        return v.scores(desc)
 
     def headline(self, val: dict[str, float] | None) -> str:
         if not val:
