@@ -194,8 +194,10 @@ def build_describer(
 ) -> Describer:
     """A describer by method name. Learned nets refine the detector's frames with the
     ``frames`` net first (:func:`resolve_frames`) and pool their descriptors over the sizes
-    of ``size_pool`` (:func:`resolve_size_pool`); SIFT and RootSIFT keep SIFT's frames.
-    ``upright`` (keypoints of an upright detector): the refiner rescales but never turns."""
+    of ``size_pool`` (:func:`resolve_size_pool`); SIFT and RootSIFT keep SIFT's frames. A
+    distilled student's ``frames`` ``auto`` is the refiner it was trained with (none, or its
+    own beside its weights). ``upright`` (keypoints of an upright detector): the refiner
+    rescales but never turns."""
     method = resolve_method(method)
     if method in CLASSICAL:
         if weights is not None:
