@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 
@@ -405,8 +405,8 @@ class MultiviewPairPool(PairPool):
         flat[order] = got
         return flat.reshape(len(rows), 2, self.patch_size, self.patch_size)
 
-    def subset(self, points: np.ndarray, group_offsets: np.ndarray | None) -> MultiviewPairPool:
-        out = MultiviewPairPool.__new__(MultiviewPairPool)
+    def subset(self, points: np.ndarray, group_offsets: np.ndarray | None) -> Self:
+        out = type(self).__new__(type(self))
         out.__dict__.update(self.__dict__)
         out.point_rows = self.point_rows[np.asarray(points, np.int64)]
         out.group_offsets = None if group_offsets is None else np.asarray(group_offsets, np.int64)

@@ -75,10 +75,3 @@ class TeacherPool(MultiviewPairPool):
         out = np.empty((len(flat), *self.views.shape[1:]), np.uint8)
         out[order] = self.views[flat[order]]
         return out.reshape(*rows.shape, *self.views.shape[1:])
-
-    def subset(self, points: np.ndarray, group_offsets: np.ndarray | None) -> TeacherPool:
-        out = TeacherPool.__new__(TeacherPool)
-        out.__dict__.update(self.__dict__)
-        out.point_rows = self.point_rows[np.asarray(points, np.int64)]
-        out.group_offsets = None if group_offsets is None else np.asarray(group_offsets, np.int64)
-        return out
