@@ -49,6 +49,23 @@ def test_student_shapes_cost_and_folding() -> None:
         build_net("student", {"depth": 3})
 
 
+def test_the_unshuffle_stem_folds_the_patch_and_has_no_full_resolution_convolution() -> None:
+    net = build_net("student", {"width": 8, "stem": "unshuffle"})
+    net.train()
+    x = torch.rand(5, 1, 64, 64)
+    net(x * torch.rand(5, 1, 1, 1) + 0.1)
+    net.eval()
+    with torch.no_grad():
+        d = net(x)
+        assert d.shape == (5, 256)
+        assert torch.allclose(fold_batchnorm(net)(x), d, atol=1e-5)
+    first = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d)][0]
+    assert first.in_channels == 4  # the 2x2-folded 16x16 input
+    assert count_macs(net, (1, 64, 64)) == 2_670_592  # against 2,965,504 with the conv stem
+    with pytest.raises(ConfigError, match="stem one of conv, unshuffle"):
+        build_net("student", {"stem": "pool"})
+
+
 class _CountingTeacher(Teacher):
     """A small random SOSNet with size pooling as the teacher, counting its calls."""
 
@@ -188,10 +205,15 @@ def test_cli_trains_a_student_and_extract_uses_it_alone(
     out = tmp_path / "cli"
     args = ["train", "--method", "distill", "--teacher", "auto", "--width", "4"]
     args += ["--data", f"pool:{_pool_of(tmp_path / 'build')}", "--out", str(out)]
-    code, _, err = call_main(*args, "--steps", "2", "--batch-size", "16")
+    code, _, err = call_main(*args, "--steps", "2", "--batch-size", "16", "--stem", "unshuffle")
     assert code == 0, err
     loaded = load_net("student", out / "student.pt")
     assert loaded.meta["steps"] == 2 and loaded.net.conf["width"] == 4
+    assert loaded.net.conf["stem"] == "unshuffle"
+    code, _, err = call_main(
+        "train", "--method", "hardnet", "--data", "photos:x", "--stem", "unshuffle"
+    )
+    assert code != 0 and "--stem applies to --method distill" in err
     # Defaults (--frames auto, --size-pool auto) describe the one patch: no refiner, no pool.
     d = build_describer("student", str(out / "student.pt"))
     assert isinstance(d, NetDescriber) and d.frames is None and d.size_pool == (1.0,)

@@ -284,6 +284,15 @@ def train_cmd(
             help="--method frames: learn a rotation of the frame too (default: scale only).",
         ),
     ] = False,
+    stem: Annotated[
+        str,
+        typer.Option(
+            "--stem",
+            help="--method distill: how the student's streams start: conv (a 3x3 "
+            "convolution at full resolution) or unshuffle (the patch folded 2x2 into 4 "
+            "channels first: no full-resolution convolution, faster on the CPU).",
+        ),
+    ] = "conv",
     width: Annotated[
         int | None,
         typer.Option(
@@ -354,13 +363,15 @@ def train_cmd(
     }
     if method in ("frames", "distill") and (recipe != "default" or loss_option):
         raise DescmatchError("--recipe and --loss-option apply to the descriptor nets")
+    if method != "distill" and stem != "conv":
+        raise DescmatchError("--stem applies to --method distill")
     if method == "distill":
         from ..train.distill import DistillConfig, train_distill
 
         dcfg = DistillConfig(
             **run,
             teacher=teacher or "auto",
-            net_conf={"width": width} if width else {},
+            net_conf={**({"width": width} if width else {}), "stem": stem},
             batch_size=batch_size,
             lr=lr or 1e-3,
             precision=precision,

@@ -8,8 +8,11 @@ see the central 32x32 crop at full resolution and the whole patch at half resolu
 channel-wise and one head maps them to the descriptor, so the head can mix centre and
 surround the way a size-pooled teacher does.
 
-Stream (``width`` w): conv3x3 w, conv3x3 w /2, conv3x3 2w, conv3x3 2w /2, conv3x3 4w (each
-BN + ReLU) -> (4w,8,8); head: conv8x8 (8w -> ``dim``) + BN (no affine), L2-normalised.
+Stream (``width`` w), ``stem`` ``conv``: conv3x3 w, conv3x3 w /2, conv3x3 2w, conv3x3 2w /2,
+conv3x3 4w (each BN + ReLU) -> (4w,8,8); ``stem`` ``unshuffle``: the 32x32 input folded 2x2
+into 4 channels at 16x16 (pixel unshuffle), then conv3x3 w, 2w, 2w /2, 4w: no convolution at
+full resolution, where thin layers run slowest on the CPU. Head: conv8x8 (8w -> ``dim``) + BN
+(no affine), L2-normalised.
 About 2 x (0.15 + 0.59 + 1.18 + 0.59 + 1.18) M + 8w x 64 x dim MACs at w = 16, dim = 256:
 9.5 M a patch (:func:`~descmatch.nets.cost.count_macs` counts it exactly).
 
@@ -36,8 +39,20 @@ def _block(cin: int, cout: int, stride: int = 1) -> list[nn.Module]:
     ]
 
 
-def _stream(w: int) -> nn.Sequential:
+#: How a stream starts (see the module docstring).
+STEMS = ("conv", "unshuffle")
+
+
+def _stream(w: int, stem: str) -> nn.Sequential:
     """One stream. Shape: (N,1,32,32) -> (N,4w,8,8)."""
+    if stem == "unshuffle":
+        return nn.Sequential(
+            nn.PixelUnshuffle(2),
+            *_block(4, w),
+            *_block(w, 2 * w),
+            *_block(2 * w, 2 * w, 2),
+            *_block(2 * w, 4 * w),
+        )
     return nn.Sequential(
         *_block(1, w),
         *_block(w, w, 2),
@@ -51,18 +66,22 @@ class StudentNet(DescriptorNet):
     """The compact central-surround student (see the module docstring)."""
 
     name: ClassVar[str] = "student"
-    default_conf: ClassVar[dict[str, Any]] = {"width": 16, "dim": 256}
+    default_conf: ClassVar[dict[str, Any]] = {"width": 16, "dim": 256, "stem": "conv"}
     patch_size: ClassVar[int] = 64
     window_factor: ClassVar[float] = 2.0
 
     def __init__(self, conf: dict[str, Any] | None = None) -> None:
         super().__init__(conf)
         w, dim = int(self.conf["width"]), int(self.conf["dim"])
-        if w < 1 or dim < 2:
-            raise ConfigError(f"student: needs width >= 1 and dim >= 2, got {self.conf}")
+        stem = str(self.conf["stem"])
+        if w < 1 or dim < 2 or stem not in STEMS:
+            raise ConfigError(
+                f"student: needs width >= 1, dim >= 2 and stem one of {', '.join(STEMS)}, "
+                f"got {self.conf}"
+            )
         self.norm = nn.InstanceNorm2d(1, affine=False)
-        self.center = _stream(w)
-        self.surround = _stream(w)
+        self.center = _stream(w, stem)
+        self.surround = _stream(w, stem)
         self.head = nn.Sequential(
             nn.Conv2d(8 * w, dim, kernel_size=8, bias=False),
             nn.BatchNorm2d(dim, affine=False),
