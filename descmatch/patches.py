@@ -141,6 +141,12 @@ def _remap_is_exact() -> bool:
     return bool(np.abs(got - ref).max() < 1e-5)
 
 
+def patches_to_uint8(patches: torch.Tensor) -> np.ndarray:
+    """Patches as stored in the training pools: rounded to grey levels.
+    Shape: (N,1,P,P) float in [0,1] -> (N,P,P) uint8."""
+    return (patches[:, 0] * 255.0 + 0.5).clamp_(0, 255).to(torch.uint8).cpu().numpy()
+
+
 def extract_patches(
     image: torch.Tensor | np.ndarray,
     xy: np.ndarray | torch.Tensor,

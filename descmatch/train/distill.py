@@ -265,7 +265,7 @@ class DistillObjective(Objective):
         if d.main:
             self.val = DistillValSet.of(held, c.val_points, c.seed)
         if c.frames is not None and d.main:
-            _copy_refiner(c.frames, Path(c.out_dir) / STUDENT_FRAMES)
+            _copy_refiner(c.frames, self.frames_sha256, Path(c.out_dir) / STUDENT_FRAMES)
         if d.active and d.main:
             d.barrier()
         self.pools = pools
@@ -386,12 +386,13 @@ def _frames_words(sha: str | None) -> str:
     return f"the frames of the refiner with sha256 {sha[:12]}" if sha else "the detector's frames"
 
 
-def _copy_refiner(frames: str, dest: Path) -> None:
-    """Write the student's refiner beside its weights (atomically; kept when it is there)."""
+def _copy_refiner(frames: str, frames_sha256: str | None, dest: Path) -> None:
+    """Write the student's refiner (its sha256 known) beside its weights (atomically; kept
+    when it is there)."""
     from ..weights import resolve, sha256
 
     src = resolve("frames", frames)
-    if dest.is_file() and sha256(dest) == sha256(src):
+    if dest.is_file() and sha256(dest) == frames_sha256:
         return
     dest.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(dest, lambda tmp: shutil.copyfile(src, tmp))

@@ -40,7 +40,7 @@ from ..detect import Keypoints
 from ..errors import ConfigError, ImageReadError, InputError, OutputError
 from ..images import read_image, resize_max
 from ..nets.frames import refine_frames
-from ..patches import DEFAULT_MR_SIZE, build_pyramid, extract_patches
+from ..patches import DEFAULT_MR_SIZE, build_pyramid, extract_patches, patches_to_uint8
 from .photos import (
     PhotoPairConfig,
     load_photo,
@@ -197,7 +197,7 @@ def refined_views(
             t, xy, size, angle, patch_size=patch_size, mr_size=mr_size,
             window_factor=window_factor, pyramid=pyr,
         )  # fmt: skip
-        return (p[:, 0] * 255.0 + 0.5).clamp_(0, 255).to(torch.uint8).numpy()
+        return patches_to_uint8(p)
 
 
 def build_photo_distill_pool(

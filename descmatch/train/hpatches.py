@@ -43,7 +43,7 @@ from ..detect import Keypoints, SiftDetector
 from ..errors import ConfigError, ImageReadError, InputError
 from ..evaluate import _sequence_images, read_homography
 from ..images import is_image, read_image
-from ..patches import DEFAULT_MR_SIZE, build_pyramid, extract_patches
+from ..patches import DEFAULT_MR_SIZE, build_pyramid, extract_patches, patches_to_uint8
 from .photos import (
     PhotoPairConfig,
     _dedupe,
@@ -175,7 +175,7 @@ def _cut(
             window_factor=window_factor,
             pyramid=build_pyramid(t),
         )
-        return (p[:, 0] * 255.0 + 0.5).clamp_(0, 255).to(torch.uint8).numpy()
+        return patches_to_uint8(p)
 
 
 def sequence_pairs(

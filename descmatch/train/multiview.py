@@ -54,7 +54,7 @@ from ..atomic import (
 )
 from ..errors import ConfigError, InputError
 from ..nets.frames import refine_frames
-from ..patches import DEFAULT_MR_SIZE, build_pyramid, extract_patches
+from ..patches import DEFAULT_MR_SIZE, build_pyramid, extract_patches, patches_to_uint8
 from .pool import (
     META_FILE,
     PAIRS_FILE,
@@ -152,7 +152,7 @@ def cut_patches(
                 window_factor=window_factor,
                 pyramid=build_pyramid(t),
             )
-            out[sel] = (p[:, 0] * 255.0 + 0.5).clamp_(0, 255).to(torch.uint8).numpy()
+            out[sel] = patches_to_uint8(p)
     return out
 
 

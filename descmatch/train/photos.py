@@ -43,7 +43,7 @@ from ..errors import ConfigError
 from ..geometry import apply_homography, homography_jacobian, map_keypoints  # noqa: F401
 from ..images import read_image, resize_max
 from ..nets.frames import refine_frames
-from ..patches import DEFAULT_MR_SIZE, build_pyramid, extract_patches
+from ..patches import DEFAULT_MR_SIZE, build_pyramid, extract_patches, patches_to_uint8
 
 PAIRINGS = ("detected", "mapped")
 #: How :func:`map_keypoints` maps orientations (part of pool settings and names).
@@ -431,7 +431,7 @@ def photo_pairs(
                         window_factor=factor,
                         pyramid=pyr,
                     )
-                    cut[:, col] = (p[:, 0] * 255.0 + 0.5).clamp_(0, 255).to(torch.uint8).numpy()
+                    cut[:, col] = patches_to_uint8(p)
     f32 = np.float32
     return PhotoPairs(
         cuts[0],
