@@ -206,7 +206,8 @@ def net_rates(first: Path, batch_sizes: list[int], tmp: Path) -> list[str]:
             img, kps.xy, kps.size, kps.angle, patch_size=p, window_factor=window
         )
         patches = patches.repeat(-(-max(batch_sizes) // len(patches)), 1, 1, 1)
-        macs = count_macs(net, (1, p, p)) / 1e6
+        shape = net.input_shape() if isinstance(net, DescriptorNet) else (1, p, p)
+        macs = count_macs(net, shape) / 1e6
         for prec in PRECISIONS:
             if prec == "int8" and not onnxruntime_available():
                 continue

@@ -139,11 +139,11 @@ class _Outputs(nn.Module):
         return self.net(x)
 
 
-def export_onnx(net: nn.Module, path: Path, patch_size: int) -> list[str]:
+def export_onnx(net: nn.Module, path: Path, input_shape: tuple[int, ...]) -> list[str]:
     """Write ``net`` (batch norm folded, eval mode) as a float32 ONNX model with a dynamic
-    batch; returns its output names. Shape: input ``patches`` (N,1,P,P)."""
+    batch; returns its output names. Shape: input ``patches`` (N, *input_shape), e.g. (N,1,P,P)."""
     model = _Outputs(fold_batchnorm(net.eval())).eval()
-    example = torch.rand(2, 1, patch_size, patch_size)
+    example = torch.rand(2, *input_shape)
     with torch.inference_mode():
         n_out = len(out) if isinstance(out := model(example), tuple) else 1
     names = ["desc"] if n_out == 1 else [f"out{i}" for i in range(n_out)]
@@ -185,8 +185,6 @@ def quantize_net(
         quantize_static,
     )
 
-    patch_size = int(calibration.shape[-1])
-
     class Reader(CalibrationDataReader):  # type: ignore[misc]
         def __init__(self) -> None:
             self.batches: Iterator[dict[str, np.ndarray]] = iter(
@@ -200,7 +198,7 @@ def quantize_net(
     with tempfile.TemporaryDirectory(prefix="descmatch-int8-") as tmp:
         fp32 = Path(tmp) / "fp32.onnx"
         q = Path(tmp) / "int8.onnx"
-        export_onnx(net, fp32, patch_size)
+        export_onnx(net, fp32, tuple(calibration.shape[1:]))
         quantize_static(
             str(fp32),
             str(q),

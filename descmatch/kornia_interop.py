@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .detect import Keypoints, SiftDetector
-from .errors import InputError
+from .errors import ConfigError, InputError
 from .nets import DescriptorNet
 from .patches import DEFAULT_MR_SIZE
 from .weights import load_net
@@ -100,6 +100,11 @@ class PatchDescriptor(nn.Module):
 
     def __init__(self, net: DescriptorNet) -> None:
         super().__init__()
+        if isinstance(net.window_factor, tuple):
+            raise ConfigError(
+                f"{net.name}: sees {len(net.window_factor)} patches a keypoint; kornia's "
+                "LAFDescriptor cuts one, so use descmatch's describer for this net"
+            )
         self.net = net.eval()
         self.patch_size = int(net.patch_size)
         self.window_factor = float(net.window_factor)

@@ -86,7 +86,7 @@ class NetDescriber:
         )
         self.frames_mr_size = frames_mr_size
         self.upright = upright
-        self.net: DescriptorNet = fold_batchnorm(net.eval()).to(device)  # type: ignore[assignment]
+        self.net: DescriptorNet = net.inference_form().to(device)
         self.device = device
         self.batch_size = batch_size
         self.mr_size = mr_size

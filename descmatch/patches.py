@@ -18,6 +18,10 @@ import torch
 import torch.nn.functional as F
 
 DEFAULT_MR_SIZE = 10.0
+
+#: How many keypoint windows (``mr_size x size``) a patch spans: one factor, or one per view
+#: of a multi-view net (its patches, one per factor, stacked as channels).
+WindowFactor = float | tuple[float, ...]
 _CPU_CHUNK_BYTES = 16 << 20  # the sampling grid of a chunk of keypoints (CPU)
 
 _BINOMIAL = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0]) / 16.0
@@ -141,10 +145,30 @@ def _remap_is_exact() -> bool:
     return bool(np.abs(got - ref).max() < 1e-5)
 
 
+def window_span(window_factor: WindowFactor) -> float:
+    """The widest window a (multi-view) cut spans, in keypoint windows."""
+    return max(window_factor) if isinstance(window_factor, tuple) else float(window_factor)
+
+
+def view_shape(patch_size: int, window_factor: WindowFactor) -> tuple[int, ...]:
+    """One keypoint's patch as stored in the pools: (P,P), or (V,P,P) for V views."""
+    if isinstance(window_factor, tuple):
+        return (len(window_factor), patch_size, patch_size)
+    return (patch_size, patch_size)
+
+
+def window_factor_of(value: Any) -> WindowFactor:
+    """A window factor as read from JSON (a number or a list) -> float or tuple."""
+    if isinstance(value, list | tuple):
+        return tuple(float(v) for v in value)
+    return float(value)
+
+
 def patches_to_uint8(patches: torch.Tensor) -> np.ndarray:
-    """Patches as stored in the training pools: rounded to grey levels.
-    Shape: (N,1,P,P) float in [0,1] -> (N,P,P) uint8."""
-    return (patches[:, 0] * 255.0 + 0.5).clamp_(0, 255).to(torch.uint8).cpu().numpy()
+    """Patches as stored in the training pools: rounded to grey levels, one channel squeezed.
+    Shape: (N,1,P,P) float in [0,1] -> (N,P,P) uint8; (N,V,P,P), V > 1 -> (N,V,P,P)."""
+    one = patches[:, 0] if patches.shape[1] == 1 else patches
+    return (one * 255.0 + 0.5).clamp_(0, 255).to(torch.uint8).cpu().numpy()
 
 
 def extract_patches(
@@ -154,11 +178,12 @@ def extract_patches(
     angle: np.ndarray | torch.Tensor | None = None,
     patch_size: int = 32,
     mr_size: float = DEFAULT_MR_SIZE,
-    window_factor: float = 1.0,
+    window_factor: WindowFactor = 1.0,
     pyramid: list[torch.Tensor] | None = None,
     shape: np.ndarray | torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Sample one patch per keypoint.
+    """Sample one patch per keypoint (one per window factor when ``window_factor`` is a tuple:
+    the views of a multi-view net, each ``patch_size`` wide, stacked as channels).
 
     ``shape`` (N,2,2), determinant 1, makes the window an ellipse: patch offsets r map to
     image offsets ``k * shape @ R(angle) @ r`` (an affine frame; ``angle`` is then measured in
@@ -167,8 +192,19 @@ def extract_patches(
     ``window_factor`` widens the window (the central-surround net sees twice the window).
     Coordinates: pixel centres at integers. Angle: degrees, OpenCV's convention.
     Shape: image (H,W) float in [0,1]; xy (N,2); size, angle (N,) -> (N,1,P,P) float32 on the
-    image's device.
+    image's device; (N,V,P,P) for V window factors.
     """
+    if isinstance(window_factor, tuple):
+        levels = (
+            pyramid
+            if pyramid is not None
+            else build_pyramid(torch.as_tensor(image, dtype=torch.float32))
+        )
+        views = [
+            extract_patches(image, xy, size, angle, patch_size, mr_size, f, levels, shape)
+            for f in window_factor
+        ]
+        return torch.cat(views, 1)
     img = torch.as_tensor(image, dtype=torch.float32)
     device = img.device
     if img.ndim != 2:

@@ -4,9 +4,12 @@ through the one Trainer (the loss falls, resume is exact, the teacher is not run
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
+import fixtures_sfm
 import numpy as np
 import pytest
 import torch
@@ -14,10 +17,12 @@ from conftest import MainResult, write_scenes
 
 import descmatch.train.distill as distill_mod
 from descmatch.describe import NetDescriber, build_describer
+from descmatch.detect import SiftDetector
 from descmatch.errors import ConfigError, WeightsError
 from descmatch.nets import NETS, FrameNet, build_net
 from descmatch.nets.cost import count_macs
 from descmatch.nets.fold import fold_batchnorm
+from descmatch.patches import extract_patches
 from descmatch.train.distill import DistillConfig, train_distill
 from descmatch.train.distillpool import Teacher, photo_distill_pairs
 from descmatch.train.photos import PhotoPairConfig, load_photo
@@ -64,6 +69,32 @@ def test_the_unshuffle_stem_folds_the_patch_and_has_no_full_resolution_convoluti
     assert count_macs(net, (1, 64, 64)) == 2_670_592  # against 2,965,504 with the conv stem
     with pytest.raises(ConfigError, match="stem one of conv, unshuffle"):
         build_net("student", {"stem": "pool"})
+
+
+@pytest.mark.parametrize(("stem", "views"), [("conv", 2), ("unshuffle", 2), ("unshuffle", 3)])
+def test_the_inference_form_runs_both_streams_as_one_grouped_stream(stem: str, views: int) -> None:
+    net = build_net("student", {"width": 6, "dim": 64, "stem": stem, "views": views})
+    net.train()
+    x = torch.rand(7, *net.input_shape())
+    for _ in range(3):
+        net(x * torch.rand(7, 1, 1, 1) + 0.1)
+    net.eval()
+    fused = net.inference_form()
+    with torch.no_grad():
+        d, maps = net.forward_features(x)
+        d2, maps2 = fused.forward_features(x)
+        assert torch.allclose(d2, d, atol=1e-5) and len(maps) == len(maps2) == views
+        assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(maps, maps2, strict=True))
+    assert fused.streams is not None
+    convs = [m for m in fused.streams if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == (5 if stem == "conv" else 4)  # one per layer
+    assert all(m.groups == views for m in convs)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
+    assert count_macs(fused, net.input_shape()) == count_macs(net, net.input_shape())
+    assert net.center is not None  # the trained net itself is left as it was
+    describer = NetDescriber(net, torch.device("cpu"), 4)
+    assert describer.net.streams is not None
+    assert torch.allclose(describer.describe_patches(x), d, atol=1e-5)
 
 
 class _CountingTeacher(Teacher):
@@ -213,10 +244,54 @@ def test_cli_trains_a_student_and_extract_uses_it_alone(
     code, _, err = call_main(
         "train", "--method", "hardnet", "--data", "photos:x", "--stem", "unshuffle"
     )
-    assert code != 0 and "--stem applies to --method distill" in err
+    assert code != 0 and "--stem and --views apply to --method distill" in err
     # Defaults (--frames auto, --size-pool auto) describe the one patch: no refiner, no pool.
     d = build_describer("student", str(out / "student.pt"))
     assert isinstance(d, NetDescriber) and d.frames is None and d.size_pool == (1.0,)
+
+
+def test_a_three_view_student_trains_on_its_own_cuts_and_describes_with_them(
+    photos: Path, tmp_path: Path, teacher: _CountingTeacher
+) -> None:
+    conf = {"width": 4, "dim": 128, "views": 3}
+    path = train_distill(_cfg(f"photos:{photos}", tmp_path / "v3", net_conf=conf, mr_size=7.0))
+    pool = _pool_of(tmp_path / "v3")
+    meta = json.loads((pool / "meta.json").read_text())
+    assert meta["patch_size"] == 32 and meta["window_factor"] == [1.0, 2.0, 4.0]
+    views = np.load(pool / "views.npy")
+    assert views.shape[1:] == (3, 32, 32)
+    loaded = load_net("student", path)
+    assert loaded.net.input_shape() == (3, 32, 32) and loaded.meta["mr_size"] == 7.0
+    # Three width-4 streams (258,048 each) and a head over their 3 x 16 maps of 8x8.
+    assert count_macs(loaded.net, (3, 32, 32)) == 3 * 258_048 + 64 * 48 * 128
+    # A two-view student cannot train on three-view cuts.
+    with pytest.raises(ConfigError, match="not cut for the student's input"):
+        train_distill(_cfg(f"pool:{pool}", tmp_path / "v2", steps=1))
+    # The describer cuts the three views as the pool did and runs the fused net on them.
+    d = build_describer("student", str(path), precision="fp32")
+    assert isinstance(d, NetDescriber) and d.mr_size == 7.0
+    image = load_photo(next(iter(sorted(photos.iterdir()))), 240)
+    kps = SiftDetector(max_keypoints=50)(image)
+    got = d.describe(image, kps)
+    cut = extract_patches(image, kps.xy, kps.size, kps.angle, 32, 7.0, (1.0, 2.0, 4.0))
+    with torch.no_grad():
+        want = loaded.net.eval()(cut).numpy()
+    assert got.shape == (len(kps), 128) and np.abs(got - want).max() < 1e-4
+
+
+def test_a_three_view_student_trains_on_multiview_tracks(
+    tmp_path: Path, teacher: _CountingTeacher
+) -> None:
+    rig = fixtures_sfm.Rig(width=320, height=240, focal=260.0)
+    fixtures_sfm.make_scene(tmp_path / "scenes" / "corner", 3, 1, rig=rig)
+    conf = {"width": 4, "dim": 128, "views": 3}
+    cfg = _cfg(f"multiview:{tmp_path / 'scenes'}", tmp_path / "mv", net_conf=conf, mr_size=7.0)
+    path = train_distill(replace(cfg, steps=2, points_per_image=60))
+    assert load_net("student", path).net.input_shape() == (3, 32, 32)
+    (base,) = [p for p in (tmp_path / "mv" / "pools").glob("multiview-*") if p.is_dir()]
+    views = np.load(base / "views.npy", mmap_mode="r")
+    pairs = np.load(base / "pairs.npy", mmap_mode="r")
+    assert views.shape[1:] == (3, 32, 32) and pairs.shape[1:] == (2, 3, 32, 32)
 
 
 def test_distillation_data_must_be_photos_multiview_or_pools(tmp_path: Path) -> None:

@@ -15,8 +15,12 @@ from descmatch.patches import (
     DEFAULT_MR_SIZE,
     build_pyramid,
     extract_patches,
+    patches_to_uint8,
     pyr_down,
     pyramid_levels_for,
+    view_shape,
+    window_factor_of,
+    window_span,
 )
 
 
@@ -218,6 +222,22 @@ def test_central_surround_centre_crop_is_the_plain_patch(scene: np.ndarray, mr_s
     surround = F.avg_pool2d(p64, 2)
     assert (surround - p32_wide).abs().mean() < 0.04
     assert (surround - p32).abs().mean() > 3 * (surround - p32_wide).abs().mean()
+
+
+def test_window_factors_cut_one_view_each_from_one_pyramid(scene: np.ndarray) -> None:
+    img = scene.astype(np.float32) / 255
+    kps = SiftDetector(max_keypoints=120)(img)
+    views = extract_patches(img, kps.xy, kps.size, kps.angle, mr_size=7.0, window_factor=(1, 2, 4))
+    assert views.shape == (len(kps), 3, 32, 32)
+    for i, f in enumerate((1, 2, 4)):
+        one = extract_patches(img, kps.xy, kps.size, kps.angle, mr_size=7.0, window_factor=f)
+        assert torch.equal(views[:, i : i + 1], one)
+    # The widest view is the one-factor patch over four windows, from a coarser level.
+    assert (views[:, 2] - views[:, 0]).abs().mean() > 0.02
+    assert patches_to_uint8(views).shape == (len(kps), 3, 32, 32)
+    assert patches_to_uint8(views[:, :1]).shape == (len(kps), 32, 32)
+    assert view_shape(32, (1.0, 2.0, 4.0)) == (3, 32, 32) and view_shape(64, 2.0) == (64, 64)
+    assert window_span((1.0, 2.0, 4.0)) == 4.0 and window_factor_of([1, 2]) == (1.0, 2.0)
 
 
 def test_affine_shape_follows_an_affine_warp() -> None:

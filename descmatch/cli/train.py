@@ -293,6 +293,15 @@ def train_cmd(
             "channels first: no full-resolution convolution, faster on the CPU).",
         ),
     ] = "conv",
+    views: Annotated[
+        int,
+        typer.Option(
+            "--views",
+            help="--method distill: what the student sees: 2 (one 64-px central-surround "
+            "patch) or 3 (three 32-px patches over 1, 2 and 4 keypoint windows; with "
+            "--mr-size 7 they span 0.7x to 2.8x the default's window).",
+        ),
+    ] = 2,
     width: Annotated[
         int | None,
         typer.Option(
@@ -363,15 +372,15 @@ def train_cmd(
     }
     if method in ("frames", "distill") and (recipe != "default" or loss_option):
         raise DescmatchError("--recipe and --loss-option apply to the descriptor nets")
-    if method != "distill" and stem != "conv":
-        raise DescmatchError("--stem applies to --method distill")
+    if method != "distill" and (stem != "conv" or views != 2):
+        raise DescmatchError("--stem and --views apply to --method distill")
     if method == "distill":
         from ..train.distill import DistillConfig, train_distill
 
         dcfg = DistillConfig(
             **run,
             teacher=teacher or "auto",
-            net_conf={**({"width": width} if width else {}), "stem": stem},
+            net_conf={**({"width": width} if width else {}), "stem": stem, "views": views},
             batch_size=batch_size,
             lr=lr or 1e-3,
             precision=precision,

@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
+from ..patches import WindowFactor
+from .fold import fold_batchnorm
 
 
 def merged_conf(name: str, defaults: dict[str, Any], conf: dict[str, Any] | None) -> dict[str, Any]:
@@ -30,15 +32,18 @@ class DescriptorNet(nn.Module):
     A subclass declares ``default_conf``; unknown keys are an error that lists the valid ones.
     ``patch_size`` is the side of the input patch in net pixels and ``window_factor`` how many
     keypoint windows (``mr_size x size``) the input spans (1 for plain nets, 2 for the
-    central-surround variant, whose input shows the surround too).
+    central-surround variant, whose input shows the surround too); a tuple of factors makes a
+    multi-view net, whose input is one ``patch_size`` patch per factor, stacked as channels (a
+    net whose configuration chooses its input sets both in ``__init__``).
 
-    Shape: forward(patches (N,1,P,P) float in [0,1]) -> (N,D) L2-normalised float.
+    Shape: forward(patches (N,C,P,P) float in [0,1], C = :meth:`input_shape`'s) -> (N,D)
+    L2-normalised float.
     """
 
     name: ClassVar[str] = ""
     default_conf: ClassVar[dict[str, Any]] = {}
-    patch_size: ClassVar[int] = 32
-    window_factor: ClassVar[float] = 1.0
+    patch_size: int = 32
+    window_factor: WindowFactor = 1.0
 
     def __init__(self, conf: dict[str, Any] | None = None) -> None:
         super().__init__()
@@ -48,12 +53,25 @@ class DescriptorNet(nn.Module):
     def dim(self) -> int:
         return int(self.conf["dim"])
 
+    def input_shape(self) -> tuple[int, int, int]:
+        """One keypoint's input: (views, P, P)."""
+        views = len(self.window_factor) if isinstance(self.window_factor, tuple) else 1
+        return (views, self.patch_size, self.patch_size)
+
     def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Descriptors and the intermediate feature maps used by L2-Net's E3 loss."""
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_features(x)[0]
+
+    def inference_form(self) -> DescriptorNet:
+        """A copy in eval mode that computes the same descriptors with fewer passes over the
+        feature maps: batch norm folded into the convolutions (:func:`fold_batchnorm`); a net
+        may fuse more."""
+        folded = fold_batchnorm(self.eval())
+        assert isinstance(folded, DescriptorNet)
+        return folded
 
 
 def standardize(x: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
+from ..patches import WindowFactor
 from .base import DescriptorNet, L2Tower, l2_normalize, standardize
 
 #: What a central-surround net's training descriptors are: ``halves`` (the paper's: two unit
@@ -50,8 +51,8 @@ class CentralSurround(DescriptorNet):
     (:func:`descmatch.nets.init_central_surround`).
     """
 
-    patch_size: ClassVar[int] = 64
-    window_factor: ClassVar[float] = 2.0
+    patch_size = 64
+    window_factor: WindowFactor = 2.0
     plain: ClassVar[str] = ""
 
     def __init__(self, conf: dict[str, Any] | None = None) -> None:

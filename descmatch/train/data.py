@@ -86,6 +86,14 @@ class ValSet:
     is_match: np.ndarray
 
 
+def one_window(net_cls: type[DescriptorNet]) -> float:
+    """The window factor of a one-patch net (multi-view nets train by distillation only)."""
+    wf = net_cls.window_factor
+    if isinstance(wf, tuple):
+        raise ConfigError(f"{net_cls.name}: a multi-view net trains with --method distill")
+    return float(wf)
+
+
 def fit_pool(
     pool: PairPool, net_cls: type[DescriptorNet], config: TrainConfig, mr_sizes: list[float]
 ) -> PairPool:
@@ -95,7 +103,7 @@ def fit_pool(
     meta = pool.meta
     size, wf = int(meta.get("patch_size", pool.patch_size)), float(meta.get("window_factor", 1))
     mr_sizes.append(float(meta.get("mr_size", config.mr_size)))
-    p, nwf = net_cls.patch_size, float(net_cls.window_factor)
+    p, nwf = net_cls.patch_size, one_window(net_cls)
     if size == p and wf == nwf:
         return pool
     if size == 2 * p and wf == 2 * nwf:
@@ -142,7 +150,7 @@ def open_source(
             Path(config.out_dir) / "pools",
             net_cls.patch_size,
             config.mr_size,
-            net_cls.window_factor,
+            one_window(net_cls),
             config.pairs_per_image,
             config.seed,
             config.pool_workers,
@@ -176,7 +184,7 @@ def open_source(
                 Path(config.out_dir) / "pools",
                 net_cls.patch_size,
                 config.mr_size,
-                net_cls.window_factor,
+                one_window(net_cls),
                 config.pairs_per_image,
                 config.seed,
                 _prefixed(progress, "hpatches pool"),

@@ -46,8 +46,7 @@ from torch import Tensor, nn
 from ..atomic import atomic_write
 from ..errors import ConfigError
 from ..nets import build_net
-from ..nets.student import StudentNet
-from ..patches import DEFAULT_MR_SIZE
+from ..patches import DEFAULT_MR_SIZE, WindowFactor, window_factor_of
 from .data import DataSpec
 from .distillpool import (
     Teacher,
@@ -200,7 +199,7 @@ class DistillObjective(Objective):
         if spec.kind == "pool":
             return TeacherPool.load(spec.path)
         assert teacher is not None
-        p, wf = StudentNet.patch_size, StudentNet.window_factor
+        p, wf = self.student_input()
         root = Path(c.out_dir) / "pools"
         prog = self.env.progress
 
@@ -234,10 +233,8 @@ class DistillObjective(Objective):
         self.frames_sha256 = frames_settings(c.frames).get("frames_sha256")
         for s, pool in zip(specs, pools, strict=True):
             meta = pool.meta
-            if (meta.get("patch_size"), meta.get("window_factor")) != (
-                StudentNet.patch_size,
-                StudentNet.window_factor,
-            ):
+            cut = (meta.get("patch_size"), window_factor_of(meta.get("window_factor", 1.0)))
+            if cut != self.student_input():
                 raise ConfigError(f"{s}: the pool is not cut for the student's input")
             if float(meta.get("mr_size", c.mr_size)) != self.mr_size:
                 raise ConfigError(
@@ -286,6 +283,11 @@ class DistillObjective(Objective):
         )
         log.info("data: %s", self.data_desc)
 
+    def student_input(self) -> tuple[int, WindowFactor]:
+        """The patch size and window factor(s) the configured student takes."""
+        net = build_net("student", self.config.net_conf)
+        return net.patch_size, net.window_factor
+
     def build_net(self, conf: dict[str, Any] | None) -> nn.Module:
         """The student; its dimension is the teacher's unless ``net_conf`` says otherwise."""
         return build_net("student", conf if conf is not None else self.net_conf)
@@ -294,7 +296,8 @@ class DistillObjective(Objective):
         return _Features(net)
 
     def batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
-        """Patches (B,2,P,P) uint8 and the teacher's descriptors (B,2,D) float16."""
+        """Patches (B,2,P,P) or (B,2,views,P,P) uint8 and the teacher's descriptors (B,2,D)
+        float16."""
         rng = np.random.default_rng([self.config.seed, int(step), 17])
         k = int(rng.choice(len(self.pools), p=self.weights)) if len(self.pools) > 1 else 0
         pts = self.samplers[k].batch_points(rng, int(step))
@@ -311,7 +314,7 @@ class DistillObjective(Objective):
         patches, teacher = batch
         b, p = patches.shape[0], patches.shape[-1]
         x = torch.from_numpy(patches).to(ctx.device).float().div_(255.0)
-        inp = x.transpose(0, 1).reshape(2 * b, 1, p, p)
+        inp = x.transpose(0, 1).reshape(2 * b, -1, p, p)  # (2B,views,P,P)
         t = torch.from_numpy(teacher).to(ctx.device).float().transpose(0, 1).reshape(2 * b, -1)
         t = torch.nn.functional.normalize(t, dim=1)
         with ctx.autocast():
@@ -366,7 +369,7 @@ class DistillObjective(Objective):
             "val_teacher_fpr95": val["teacher_fpr95"] if val else None,
             "val_cos": val["val_cos"] if val else None,
             "mr_size": self.mr_size,
-            "patch_size": StudentNet.patch_size,
+            "patch_size": self.student_input()[0],
             # The student describes one patch, in the detector's frame or in its own
             # refiner's (a file beside the student's weights): no pooling.
             **(

@@ -40,7 +40,14 @@ from ..detect import Keypoints
 from ..errors import ConfigError, ImageReadError, InputError, OutputError
 from ..images import read_image, resize_max
 from ..nets.frames import refine_frames
-from ..patches import DEFAULT_MR_SIZE, build_pyramid, extract_patches, patches_to_uint8
+from ..patches import (
+    DEFAULT_MR_SIZE,
+    WindowFactor,
+    build_pyramid,
+    extract_patches,
+    patches_to_uint8,
+    view_shape,
+)
 from .photos import (
     PhotoPairConfig,
     load_photo,
@@ -143,7 +150,7 @@ def photo_distill_pairs(
     conf: PhotoPairConfig,
     patch_size: int,
     mr_size: float,
-    window_factor: float,
+    window_factor: WindowFactor,
     max_pairs: int,
     frames: Any = None,
     frames_mr_size: float = DEFAULT_MR_SIZE,
@@ -151,14 +158,15 @@ def photo_distill_pairs(
     """One photo's pairs: the student's patches in the detector's frames (in the refined
     frames of a ``frames`` net when one is given) and the teacher's descriptors of both
     keypoints on the two images, from the detector's frames as the teacher describes them at
-    inference. Shape: -> (2K,P,P) uint8 (pair k is rows 2k, 2k+1), (2K,D) float32."""
+    inference. Shape: -> (2K,P,P) uint8 ((2K,V,P,P) for V window factors; pair k is rows 2k,
+    2k+1), (2K,D) float32."""
     image = np.ascontiguousarray(image, np.float32)
     src, dst, h = _photo_images(image, copy.deepcopy(rng), conf)
     res = photo_pairs(image, rng, conf, patch_size, mr_size, window_factor, max_pairs)
     if not np.allclose(res.H, h):
         raise RuntimeError("photo pairs: the second view could not be reproduced")
     k = len(res)
-    views = res.patches.reshape(2 * k, patch_size, patch_size)
+    views = res.patches.reshape(2 * k, *view_shape(patch_size, window_factor))
     if k == 0:
         return views, np.zeros((0, 0), np.float32)
     if frames is not None:
@@ -170,7 +178,7 @@ def photo_distill_pairs(
                 (dst, res.dst_xy, res.dst_size, res.dst_angle),
             )
         ]  # fmt: skip
-        views = np.stack(cut, 1).reshape(2 * k, patch_size, patch_size)
+        views = np.stack(cut, 1).reshape(2 * k, *view_shape(patch_size, window_factor))
     ta = teacher(src, res.src_xy, res.src_size, res.src_angle)
     tb = teacher(dst, res.dst_xy, res.dst_size, res.dst_angle)
     return views, np.stack([ta, tb], 1).reshape(2 * k, -1)
@@ -185,10 +193,11 @@ def refined_views(
     angle: np.ndarray,
     patch_size: int,
     mr_size: float,
-    window_factor: float,
+    window_factor: WindowFactor,
 ) -> np.ndarray:
     """Patches cut in the refined frames of the ``frames`` net, as a describer that uses it
-    cuts them. Shape: image (H,W) float32, xy (N,2), size, angle (N,) -> (N,P,P) uint8."""
+    cuts them. Shape: image (H,W) float32, xy (N,2), size, angle (N,) -> (N,P,P) uint8
+    ((N,V,P,P) for V window factors)."""
     with torch.inference_mode():
         t = torch.from_numpy(np.ascontiguousarray(image, np.float32))
         pyr = build_pyramid(t)
@@ -206,7 +215,7 @@ def build_photo_distill_pool(
     teacher: Teacher,
     patch_size: int,
     mr_size: float,
-    window_factor: float,
+    window_factor: WindowFactor,
     pairs_per_image: int,
     seed: int,
     conf: PhotoPairConfig,
@@ -271,7 +280,9 @@ def build_photo_distill_pool(
             counts.append(len(v) // 2)
         atomic_savez(
             parts / f"part_{c:05d}.npz",
-            views=np.concatenate(views) if views else np.zeros((0, patch_size, patch_size)),
+            views=np.concatenate(views)
+            if views
+            else np.zeros((0, *view_shape(patch_size, window_factor))),
             teacher=(np.concatenate(feats) if feats else np.zeros((0, teacher.dim))).astype(
                 np.float16
             ),
@@ -303,7 +314,7 @@ def build_multiview_distill_pool(
     teacher: Teacher,
     patch_size: int,
     mr_size: float,
-    window_factor: float,
+    window_factor: WindowFactor,
     seed: int,
     max_points_per_image: int | None = 2000,
     progress: Progress | None = None,

@@ -55,18 +55,19 @@ def describe_patches(
 ) -> np.ndarray:
     """Descriptors of uint8 patches, computed in chunks in eval mode.
 
-    The patches are scaled to [0, 1] and given to the net as (N, 1, S, S); the net does its own
-    per-patch normalisation. The net's train/eval mode is restored afterwards.
-    Shape: patches (M, S, S) uint8 -> (M, D) float32.
+    The patches are scaled to [0, 1] and given to the net as (N, 1, S, S) (a multi-view net's
+    (M, V, S, S) as they are); the net does its own per-patch normalisation. The net's
+    train/eval mode is restored afterwards.
+    Shape: patches (M, S, S) or (M, V, S, S) uint8 -> (M, D) float32.
     """
-    if patches.ndim != 3 or patches.shape[1] != patches.shape[2]:
-        raise ValueError(f"patches must be (M, S, S), got shape {patches.shape}")
+    if patches.ndim not in (3, 4) or patches.shape[-1] != patches.shape[-2]:
+        raise ValueError(f"patches must be (M, S, S) or (M, V, S, S), got shape {patches.shape}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     expected = getattr(net, "patch_size", None)
-    if expected is not None and int(expected) != patches.shape[1]:
+    if expected is not None and int(expected) != patches.shape[-1]:
         label = getattr(net, "name", "") or type(net).__name__
-        raise ConfigError(f"{label} takes {expected}-px patches, got {patches.shape[1]}-px ones")
+        raise ConfigError(f"{label} takes {expected}-px patches, got {patches.shape[-1]}-px ones")
     device = torch.device(device)
     was_training = net.training
     net.eval()
@@ -75,7 +76,8 @@ def describe_patches(
         with torch.inference_mode():
             for start in range(0, len(patches), batch_size):
                 chunk = np.ascontiguousarray(patches[start : start + batch_size])
-                x = torch.from_numpy(chunk).to(device).unsqueeze(1).float().div_(255.0)
+                x = torch.from_numpy(chunk).to(device).float().div_(255.0)
+                x = x.unsqueeze(1) if x.ndim == 3 else x  # (B,views,S,S)
                 desc = net(x).float().cpu().numpy()
                 if out is None:
                     out = np.empty((len(patches), desc.shape[1]), dtype=np.float32)

@@ -54,7 +54,15 @@ from ..atomic import (
 )
 from ..errors import ConfigError, InputError
 from ..nets.frames import refine_frames
-from ..patches import DEFAULT_MR_SIZE, build_pyramid, extract_patches, patches_to_uint8
+from ..patches import (
+    DEFAULT_MR_SIZE,
+    WindowFactor,
+    build_pyramid,
+    extract_patches,
+    patches_to_uint8,
+    view_shape,
+    window_span,
+)
 from .pool import (
     META_FILE,
     PAIRS_FILE,
@@ -125,14 +133,15 @@ def cut_patches(
     rows: np.ndarray,
     patch_size: int,
     mr_size: float,
-    window_factor: float,
+    window_factor: WindowFactor,
     frames: Any = None,
     frames_mr_size: float = DEFAULT_MR_SIZE,
 ) -> np.ndarray:
     """Patches of observations ``rows`` of a scene, cut at the detected keypoints (in the
     refined frames of a ``frames`` net when one is given), one
-    :func:`~descmatch.patches.extract_patches` call per image. Shape: -> (len(rows),P,P) uint8."""
-    out = np.zeros((len(rows), patch_size, patch_size), np.uint8)
+    :func:`~descmatch.patches.extract_patches` call per image. Shape: -> (len(rows),P,P) uint8,
+    (len(rows),V,P,P) for V window factors."""
+    out = np.zeros((len(rows), *view_shape(patch_size, window_factor)), np.uint8)
     img_of = tr.obs_image[rows]
     with torch.inference_mode():
         for g in np.unique(img_of):
@@ -163,7 +172,7 @@ def _make_scene_part(
     conf: TrackConfig,
     patch_size: int,
     mr_size: float,
-    window_factor: float,
+    window_factor: WindowFactor,
     max_points_per_image: int | None,
     seed: int,
     progress: Progress | None,
@@ -226,7 +235,7 @@ def build_multiview_pool(
     out: str | Path,
     patch_size: int = 32,
     mr_size: float = DEFAULT_MR_SIZE,
-    window_factor: float = 1.0,
+    window_factor: WindowFactor = 1.0,
     max_keypoints: int = 4000,
     max_side: int | None = 1024,
     pair_window: int = 5,
@@ -265,7 +274,7 @@ def build_multiview_pool(
         epipolar_px=epipolar_px,
         reproj_px=reproj_px,
         min_track=min_track,
-        window=mr_size * window_factor,
+        window=mr_size * window_span(window_factor),
     )
     settings = {
         "format": POOL_FORMAT,
@@ -330,13 +339,13 @@ def build_multiview_pool(
     num_views = sum(len(d["views"]) for d in datas)
     if num_points == 0:
         raise InputError(f"{', '.join(map(str, scene_dirs))}: no multi-view tracks were found")
-    p = patch_size
+    vs = view_shape(patch_size, window_factor)
     pairs_tmp = temporary_path(out / PAIRS_FILE)
     views_tmp = temporary_path(out / VIEWS_FILE)
     pairs = np.lib.format.open_memmap(
-        pairs_tmp, mode="w+", dtype=np.uint8, shape=(num_points, 2, p, p)
+        pairs_tmp, mode="w+", dtype=np.uint8, shape=(num_points, 2, *vs)
     )
-    views = np.lib.format.open_memmap(views_tmp, mode="w+", dtype=np.uint8, shape=(num_views, p, p))
+    views = np.lib.format.open_memmap(views_tmp, mode="w+", dtype=np.uint8, shape=(num_views, *vs))
     offs: list[np.ndarray] = [np.zeros(1, np.int64)]
     counts: list[np.ndarray] = []
     images: list[str] = []
@@ -399,7 +408,7 @@ def build_multiview_pool_for(
     cache_root: str | Path,
     patch_size: int,
     mr_size: float,
-    window_factor: float,
+    window_factor: WindowFactor,
     seed: int,
     progress: Progress | None = None,
     frames: str | None = None,

@@ -43,7 +43,15 @@ from ..errors import ConfigError
 from ..geometry import apply_homography, homography_jacobian, map_keypoints  # noqa: F401
 from ..images import read_image, resize_max
 from ..nets.frames import refine_frames
-from ..patches import DEFAULT_MR_SIZE, build_pyramid, extract_patches, patches_to_uint8
+from ..patches import (
+    DEFAULT_MR_SIZE,
+    WindowFactor,
+    build_pyramid,
+    extract_patches,
+    patches_to_uint8,
+    view_shape,
+    window_span,
+)
 
 PAIRINGS = ("detected", "mapped")
 #: How :func:`map_keypoints` maps orientations (part of pool settings and names).
@@ -321,7 +329,7 @@ def photo_pairs(
     conf: PhotoPairConfig = PhotoPairConfig(),
     patch_size: int = 32,
     mr_size: float = DEFAULT_MR_SIZE,
-    window_factor: float = 1.0,
+    window_factor: WindowFactor = 1.0,
     max_pairs: int = 512,
     detector: SiftDetector | None = None,
     frames: Any = None,
@@ -350,7 +358,7 @@ def photo_pairs(
     src = photometric(image, rng, conf) if conf.photometric_source else image
     dst = photometric(warped, rng, conf)
     det = detector if detector is not None else SiftDetector(max_keypoints=conf.max_keypoints)
-    win = mr_size * window_factor
+    win = mr_size * window_span(window_factor)
 
     kp = det(src)
     keep = _dedupe(kp.xy, kp.size, kp.angle)
@@ -411,8 +419,12 @@ def photo_pairs(
         d_size, d_angle = refine_frames(
             frames, torch.from_numpy(dst), d_xy, d_size, d_angle, frames_mr_size
         )
-    factors = (window_factor, 2.0 * window_factor) if surround else (window_factor,)
-    cuts = [np.empty((k, 2, patch_size, patch_size), np.uint8) for _ in factors]
+    factors: list[WindowFactor] = [window_factor]
+    if surround:
+        if isinstance(window_factor, tuple):
+            raise ValueError("photo_pairs: a surround cut needs one window factor")
+        factors.append(2.0 * window_factor)
+    cuts = [np.empty((k, 2, *view_shape(patch_size, window_factor)), np.uint8) for _ in factors]
     if k:
         with torch.inference_mode():
             for col, (img, xy, size, ang) in enumerate(

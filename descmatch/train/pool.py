@@ -85,8 +85,8 @@ class PairPool:
         name: str = "pool",
         point_rows: np.ndarray | None = None,
     ) -> None:
-        if pairs.ndim != 4 or pairs.shape[1] != 2 or pairs.shape[2] != pairs.shape[3]:
-            raise ValueError(f"pairs must be (K,2,P,P), got {pairs.shape}")
+        if pairs.ndim not in (4, 5) or pairs.shape[1] != 2 or pairs.shape[-1] != pairs.shape[-2]:
+            raise ValueError(f"pairs must be (K,2,P,P) or (K,2,V,P,P), got {pairs.shape}")
         self.pairs = pairs
         self._init_points(len(pairs), group_offsets, meta, name, point_rows)
 
@@ -350,8 +350,8 @@ class MultiviewPairPool(PairPool):
         point_rows: np.ndarray | None = None,
         pairs: np.ndarray | None = None,
     ) -> None:
-        if views.ndim != 3 or views.shape[1] != views.shape[2]:
-            raise ValueError(f"views must be (M,P,P), got {views.shape}")
+        if views.ndim not in (3, 4) or views.shape[-1] != views.shape[-2]:
+            raise ValueError(f"views must be (M,P,P) or (M,V,P,P), got {views.shape}")
         self.views = views
         self.view_offsets = np.asarray(view_offsets, np.int64)
         if (np.diff(self.view_offsets) < 2).any() or self.view_offsets[-1] != len(views):
@@ -401,9 +401,9 @@ class MultiviewPairPool(PairPool):
         if self.crop:
             c0 = (got.shape[-1] - self.crop) // 2
             got = got[..., c0 : c0 + self.crop, c0 : c0 + self.crop]
-        flat = np.empty((len(idx), self.patch_size, self.patch_size), np.uint8)
+        flat = np.empty((len(idx), *got.shape[1:]), np.uint8)
         flat[order] = got
-        return flat.reshape(len(rows), 2, self.patch_size, self.patch_size)
+        return flat.reshape(len(rows), 2, *got.shape[1:])
 
     def subset(self, points: np.ndarray, group_offsets: np.ndarray | None) -> Self:
         out = type(self).__new__(type(self))
