@@ -199,7 +199,7 @@ class DistillObjective(Objective):
         if spec.kind == "pool":
             return TeacherPool.load(spec.path)
         assert teacher is not None
-        p, wf = self.student_input()
+        p, wf = self.student_cut
         root = Path(c.out_dir) / "pools"
         prog = self.env.progress
 
@@ -226,6 +226,7 @@ class DistillObjective(Objective):
         if not d.main:
             d.barrier()
         self.specs = specs = [DataSpec.parse(s) for s in c.data]
+        self.student_cut = self.student_input()
         needs_teacher = any(s.kind != "pool" for s in specs)
         teacher = load_teacher(c.teacher) if needs_teacher else None
         pools = [self._open_source(s, teacher) for s in specs]
@@ -234,7 +235,7 @@ class DistillObjective(Objective):
         for s, pool in zip(specs, pools, strict=True):
             meta = pool.meta
             cut = (meta.get("patch_size"), window_factor_of(meta.get("window_factor", 1.0)))
-            if cut != self.student_input():
+            if cut != self.student_cut:
                 raise ConfigError(f"{s}: the pool is not cut for the student's input")
             if float(meta.get("mr_size", c.mr_size)) != self.mr_size:
                 raise ConfigError(
@@ -369,7 +370,7 @@ class DistillObjective(Objective):
             "val_teacher_fpr95": val["teacher_fpr95"] if val else None,
             "val_cos": val["val_cos"] if val else None,
             "mr_size": self.mr_size,
-            "patch_size": self.student_input()[0],
+            "patch_size": self.student_cut[0],
             # The student describes one patch, in the detector's frame or in its own
             # refiner's (a file beside the student's weights): no pooling.
             **(
